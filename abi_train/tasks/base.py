@@ -1,0 +1,104 @@
+"""The per-family seam. The trainer knows nothing about tokens, images or captions; a Task does.
+
+A Task builds the model and data for one family, turns a batch into a loss, evaluates, and says
+what to save beside the weights. Accumulation, precision, clipping, logging, checkpointing and
+distributed logic live in the trainer and are written once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from abi_train.data.sampler import GlobalBatchSampler
+from abi_train.distributed import DistInfo
+
+
+@dataclass
+class EvalResult:
+    scalars: dict[str, float]  # e.g. {"val/loss": 2.1, "val/ppl": 8.2}; fractions for accuracies
+    texts: dict[str, str] = field(default_factory=dict)  # TensorBoard text, e.g. samples
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # HWC uint8 images
+
+
+class Task(ABC):
+    family: ClassVar[str]  # "llm" | "vit" | "clip": stored in checkpoints, picks the export map
+    unit: ClassVar[str]  # throughput unit: "tokens" | "images" | "pairs"
+    # Contrastive losses see negatives only inside a micro-batch, so CLIP refuses accumulation.
+    supports_accumulation: ClassVar[bool] = True
+
+    def __init__(self, cfg: DictConfig, dist: DistInfo) -> None:
+        self.cfg = cfg
+        self.dist = dist
+
+    # --- setup -------------------------------------------------------------------------------
+    @abstractmethod
+    def setup(self, artifact_dir: Path | None) -> None:
+        """Validate config, load/generate data, build or load the tokenizer.
+
+        ``artifact_dir`` is the run dir on resume (reuse its tokenizer), else None.
+        Raise UserError for user mistakes. Must be deterministic across ranks.
+        """
+
+    @abstractmethod
+    def model_config(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable kwargs (with ``arch``) that rebuild the model via the builder registry."""
+
+    @abstractmethod
+    def num_train_items(self) -> int:
+        """Number of training examples the GlobalBatchSampler draws indices from."""
+
+    @abstractmethod
+    def train_loader(self, sampler: GlobalBatchSampler) -> Iterable[Any]:
+        """An endless iterable of micro-batches (usually a DataLoader with ``batch_sampler=sampler``)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss of one micro-batch, plus extra detached tensors to log (no host sync here)."""
+
+    @abstractmethod
+    def items_in(self, batch: Any) -> int:
+        """How many throughput units (tokens/images/pairs) this micro-batch holds (host-side)."""
+
+    @abstractmethod
+    def flops_per_item(self, model: nn.Module) -> float:
+        """Training FLOPs (forward + backward) per throughput unit, for MFU."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
+        """Validation metrics and media. Called on every rank; only rank 0's result is logged."""
+
+    # --- optional hooks ----------------------------------------------------------------------
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        return _move(batch, device)
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """E.g. CLIP clamps its logit scale here."""
+
+    def save_artifacts(self, directory: Path) -> None:
+        """Write what inference needs beside the weights (tokenizer.json, class names)."""
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serialisable facts stored in checkpoints and used by export (e.g. class names, image mean)."""
+        return {}
+
+    def close(self) -> None:
+        """Report end-of-run facts (e.g. skipped corrupt images)."""
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(v, device) for v in batch)
+    return batch
