@@ -1,0 +1,3 @@
+from abi_train.cli import main
+
+main()

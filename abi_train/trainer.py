@@ -1,0 +1,356 @@
+"""The one training loop shared by every recipe.
+
+Accumulation, precision, clipping, non-finite skipping, the optimizer and schedule, evaluation cadence,
+logging, checkpointing, resume and distributed wrapping are written here once; what differs per model
+family (batch -> loss, metrics, evaluation) comes from a Task (abi_train/tasks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from abi_train import checkpoint as ckpt
+from abi_train.data.sampler import GlobalBatchSampler
+from abi_train.distributed import DistInfo, barrier, wrap_model
+from abi_train.errors import UserError
+from abi_train.metrics import MetricsLogger, Progress, peak_flops
+from abi_train.models import build_model
+from abi_train.optim import build_optimizer, build_scheduler
+from abi_train.tasks.base import Task
+from abi_train.utils import pick_device, rng_state, seed_everything, set_rng_state
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # mean loss of the step (device tensor, not synced)
+    grad_norm: torch.Tensor  # global grad norm before clipping
+    finite: bool  # False: the update was skipped
+    logs: dict[str, torch.Tensor]  # the task's extra tensors from the last micro-batch
+    items: int  # tokens / images / pairs processed
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def accumulation_steps(batch_size: int, global_batch_size: int | None, world_size: int) -> int:
+    """Micro-steps per optimizer step so that batch_size x world_size x accumulation == global batch."""
+    if batch_size is None or batch_size <= 0:
+        raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+    if global_batch_size is None:
+        return 1
+    per_micro_step = batch_size * world_size
+    if global_batch_size <= 0 or global_batch_size % per_micro_step:
+        raise UserError(
+            f"trainer.global_batch_size={global_batch_size} must be a positive multiple of "
+            f"trainer.batch_size x world size = {batch_size} x {world_size} = {per_micro_step}"
+        )
+    return global_batch_size // per_micro_step
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, task: Task, run_dir: Path, dist: DistInfo) -> None:
+        self.cfg, self.task, self.run_dir, self.dist = cfg, task, Path(run_dir), dist
+        tc = cfg.trainer
+        if tc.precision not in PRECISIONS:
+            raise UserError(f"trainer.precision={tc.precision!r} is not known; valid: {', '.join(PRECISIONS)}")
+        if tc.max_steps is None or tc.max_steps <= 0:
+            raise UserError(f"trainer.max_steps={tc.max_steps} must be a positive integer")
+        for key in ("log_every", "eval_every", "ckpt_every"):
+            if tc[key] is None or tc[key] < 0:
+                raise UserError(f"trainer.{key}={tc[key]} must be >= 0")
+        self.accumulation = accumulation_steps(tc.batch_size, tc.global_batch_size, dist.world_size)
+        if self.accumulation > 1 and not task.supports_accumulation:
+            raise UserError(
+                f"task {task.family!r} does not support gradient accumulation (its loss needs the whole batch "
+                f"at once); set trainer.global_batch_size=null or equal to batch_size x world size"
+            )
+        self.global_batch = tc.batch_size * dist.world_size * self.accumulation
+        self.device = pick_device(tc.device, dist.local_rank)
+        self.amp_dtype = PRECISIONS[tc.precision]
+        if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("trainer.precision=bf16 but this GPU has no bf16; use fp16 or fp32")
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # ------------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def setup(self) -> None:
+        """Build data, model, optimizer; restore a checkpoint on resume; wrap for distributed/compile."""
+        cfg, dist = self.cfg, self.dist
+        self.resume_from: Path | None = None
+        if cfg.resume:
+            self.resume_from = ckpt.latest_checkpoint(self.run_dir)
+            if self.resume_from is None:
+                raise UserError(
+                    f"resume=true but {self.run_dir}/checkpoints holds no checkpoint; "
+                    "pass hydra.run.dir=<the run dir to continue>"
+                )
+        seed_everything(cfg.trainer.seed + dist.rank)
+        self.task.setup(self.resume_from)
+        self.model_config = self.task.model_config()
+        raw = build_model(self.model_config).to(self.device)
+        if self.resume_from is not None:
+            self._check_same_model(self.resume_from)
+            ckpt.load_weights(raw, self.resume_from)
+        elif cfg.init_from:
+            source = ckpt.resolve_checkpoint(cfg.init_from)
+            ckpt.load_weights(raw, source)
+        self.raw_model = raw
+        self.optimizer = build_optimizer(raw, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.precision == "fp16")
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        if self.resume_from is not None:
+            self._load_train_state(self.resume_from)
+        self.params = [p for p in raw.parameters() if p.requires_grad]
+        self.max_norm = cfg.trainer.grad_clip if cfg.trainer.grad_clip else math.inf
+        self.model = wrap_model(raw, cfg.trainer, dist, self.device)
+        if cfg.trainer.compile:
+            self.model = torch.compile(self.model)
+        sampler = GlobalBatchSampler(
+            self.task.num_train_items(),
+            self.global_batch,
+            self.accumulation,
+            dist.rank,
+            dist.world_size,
+            seed=cfg.trainer.seed,
+            start_step=self.step,
+        )
+        self.batches = iter(self.task.train_loader(sampler))
+
+    def _check_same_model(self, ckpt_dir: Path) -> None:
+        stored = ckpt.load_meta(ckpt_dir)["model_config"]
+        if stored != self.model_config:
+            keys = set(stored) | set(self.model_config)
+            changed = sorted(k for k in keys if stored.get(k) != self.model_config.get(k))
+            raise UserError(
+                f"checkpoint {ckpt_dir} was made by a different model shape (differs in: {', '.join(changed)}); "
+                "resume with the same model options"
+            )
+
+    # --- state for exact resume: one function gathers it, one restores it ----------------------
+    def _train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_streak": self.nonfinite_streak,
+            "global_batch": self.global_batch,
+        }
+
+    def _load_train_state(self, ckpt_dir: Path) -> None:
+        state, rng = ckpt.load_train_state(ckpt_dir, self.dist.rank)
+        if state["global_batch"] != self.global_batch:
+            raise UserError(
+                f"checkpoint {ckpt_dir} was trained with a global batch of {state['global_batch']} but this run "
+                f"uses {self.global_batch}; set trainer.global_batch_size={state['global_batch']}"
+            )
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.nonfinite_total = state["nonfinite_total"]
+        self.nonfinite_streak = state["nonfinite_streak"]
+        if rng is not None:
+            set_rng_state(rng)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "family": self.task.family,
+            "model_config": self.model_config,
+            "metadata": self.task.metadata(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Every rank calls this (sharded models gather collectively); rank 0 writes."""
+        if self.dist.is_main:
+            ckpt.begin_checkpoint(self.run_dir, self.step)
+        tmp = ckpt.temp_checkpoint_dir(self.run_dir, self.step)
+        barrier()
+        torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
+        if self.dist.is_main:
+            ckpt.write_weights(tmp, self.raw_model)
+        barrier()
+        final = None
+        if self.dist.is_main:
+            final = ckpt.finish_checkpoint(
+                self.run_dir,
+                tmp,
+                self.step,
+                self._meta(),
+                self._train_state(),
+                self.task.save_artifacts,
+                self.cfg.trainer.keep_last,
+            )
+        barrier()
+        return final
+
+    def train_step(self, batches: Iterator[Any]) -> StepOutput:
+        """One optimizer step: accumulate micro-batches, unscale, clip, skip if non-finite, update."""
+        tc, task = self.cfg.trainer, self.task
+        step_loss = torch.zeros((), device=self.device)
+        items = 0
+        for micro in range(self.accumulation):
+            batch = task.to_device(next(batches), self.device)
+            sync = micro == self.accumulation - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+                with self._autocast():
+                    loss, logs = task.loss(self.model, batch)
+                self.scaler.scale(loss / self.accumulation).backward()
+            step_loss += loss.detach() / self.accumulation
+            items += task.items_in(batch)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        # The one host sync per step: a non-finite loss or gradient must skip the update.
+        # (fp16 gradient overflow is the GradScaler's normal business, not a divergence.)
+        finite = torch.isfinite(step_loss)
+        if tc.precision != "fp16":
+            finite = finite & torch.isfinite(grad_norm)
+        finite = bool(finite)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+            if self.nonfinite_streak >= tc.max_nonfinite_steps:
+                raise UserError(
+                    f"training stopped: {self.nonfinite_streak} steps in a row with a non-finite loss or "
+                    f"gradient (last at step {self.step + 1}); lower optim.lr, raise optim.warmup_steps or "
+                    "check trainer.precision"
+                )
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        task.after_optimizer_step(self.raw_model)
+        self.step += 1
+        return StepOutput(step_loss, grad_norm, finite, logs, items)
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        """Train to trainer.max_steps; return the last logged and evaluated scalars."""
+        self.setup()
+        cfg, tc, dist, task = self.cfg, self.cfg.trainer, self.dist, self.task
+        is_main = dist.is_main
+        if is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            task.save_artifacts(self.run_dir)
+        logger = MetricsLogger(self.run_dir if is_main else None, cfg.logger.tensorboard, cfg.logger.jsonl)
+        progress = Progress(tc.max_steps, self.step, task.unit, enabled=is_main, mode=tc.progress)
+        flops_per_item = task.flops_per_item(self.raw_model)
+        peak = peak_flops(self.device)
+        summary: dict[str, float] = {}
+        if is_main:
+            n_params = sum(p.numel() for p in self.raw_model.parameters())
+            progress.message(
+                f"{task.family}: {n_params / 1e6:.2f}M parameters on {self.device}, global batch "
+                f"{self.global_batch} ({tc.batch_size} x {dist.world_size} processes x {self.accumulation} "
+                f"accumulation), run dir {self.run_dir}"
+            )
+
+        loss_sum = torch.zeros((), device=self.device)
+        steps_since_log, items_since_log = 0, 0
+        t_last = time.perf_counter()
+        self.model.train()
+        while self.step < tc.max_steps:
+            out = self.train_step(self.batches)
+            items_since_log += out.items
+            if out.finite:
+                loss_sum += out.loss
+                steps_since_log += 1
+            else:
+                progress.message(f"step {self.step}: non-finite loss or gradient, update skipped")
+            grad_norm, extra_logs = out.grad_norm, out.logs
+
+            last = self.step == tc.max_steps
+            if tc.log_every and (self.step % tc.log_every == 0 or last):
+                elapsed = time.perf_counter() - t_last
+                rate = items_since_log / elapsed if elapsed > 0 else 0.0
+                values = {
+                    "train/loss": loss_sum.item() / max(1, steps_since_log),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "train/grad_norm": grad_norm.item(),
+                    f"train/{task.unit}_per_s": rate,
+                    "train/nonfinite_steps": float(self.nonfinite_total),
+                }
+                if peak:
+                    values["train/mfu"] = flops_per_item * rate / peak
+                values[f"train/{task.unit}_per_s"] = rate * dist.world_size  # whole job
+                if self.device.type == "cuda":
+                    values["train/memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                if tc.precision == "fp16":
+                    values["train/loss_scale"] = self.scaler.get_scale()
+                values.update({k: float(v) for k, v in extra_logs.items()})
+                logger.scalars(self.step, values)
+                progress.update(self.step, values["train/loss"], rate)
+                summary.update(values)
+                loss_sum.zero_()
+                steps_since_log, items_since_log = 0, 0
+                t_last = time.perf_counter()
+            else:
+                progress.update(self.step)
+
+            if tc.eval_every and (self.step % tc.eval_every == 0 or last):
+                result = self._evaluate()
+                if is_main:
+                    logger.scalars(self.step, result.scalars)
+                    for tag, text in result.texts.items():
+                        logger.text(self.step, tag, text)
+                    for tag, image in result.images.items():
+                        logger.image(self.step, tag, image)
+                    shown = "  ".join(f"{k} {v:.4g}" for k, v in result.scalars.items())
+                    progress.message(f"step {self.step}: {shown}")
+                    summary.update(result.scalars)
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            if tc.ckpt_every and (self.step % tc.ckpt_every == 0 or last):
+                self.save_checkpoint()
+                t_last = time.perf_counter()
+
+        progress.close()
+        task.close()
+        if cfg.export.gguf and is_main:
+            from abi_train.export import export_gguf
+
+            tokenizer = self.run_dir / "tokenizer.json"
+            out = export_gguf(
+                self.raw_model,
+                {**self._meta(), "step": self.step},
+                tokenizer if tokenizer.is_file() else None,
+                self.run_dir / "model.gguf",
+                cfg.export.outtype,
+            )
+            progress.message(f"exported {out}")
+        logger.close()
+        return summary
+
+    @torch.no_grad()
+    def _evaluate(self):
+        self.model.eval()
+        try:
+            with self._autocast():
+                return self.task.evaluate(self.model, self.device)
+        finally:
+            self.model.train()
