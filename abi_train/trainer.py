@@ -275,7 +275,8 @@ class Trainer:
         steps_since_log, items_since_log = 0, 0
         t_last = time.perf_counter()
         self.model.train()
-        while self.step < tc.max_steps:
+        end = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
+        while self.step < end:
             out = self.train_step(self.batches)
             items_since_log += out.items
             if out.finite:
@@ -285,7 +286,7 @@ class Trainer:
                 progress.message(f"step {self.step}: non-finite loss or gradient, update skipped")
             grad_norm, extra_logs = out.grad_norm, out.logs
 
-            last = self.step == tc.max_steps
+            last = self.step == end
             if tc.log_every and (self.step % tc.log_every == 0 or last):
                 elapsed = time.perf_counter() - t_last
                 rate = items_since_log / elapsed if elapsed > 0 else 0.0
@@ -325,7 +326,8 @@ class Trainer:
                     progress.message(f"step {self.step}: {shown}")
                     summary.update(result.scalars)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
-            if tc.ckpt_every and (self.step % tc.ckpt_every == 0 or last):
+            stopping_early = last and end < tc.max_steps  # always leave a checkpoint to resume from
+            if (tc.ckpt_every and (self.step % tc.ckpt_every == 0 or last)) or stopping_early:
                 self.save_checkpoint()
                 t_last = time.perf_counter()
 

@@ -1,0 +1,66 @@
+"""Shared test helpers: run the CLI in a subprocess, compose configs in-process, tiny overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from abi_train.cli import config_dir
+
+# A tiny, fast LLM run: the LLaMA-style debug model on short windows of the built-in corpus.
+TINY_LLM = [
+    "recipe=llm",
+    "model=tiny",
+    "data.seq_len=32",
+    "data.vocab_size=512",
+    "trainer.batch_size=4",
+    "trainer.max_steps=4",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=2",
+    "trainer.ckpt_every=0",
+    "trainer.progress=false",
+    "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tokenized-corpus cache for the whole session (tokenizing pydoc_data once is enough)."""
+    return tmp_path_factory.mktemp("abi_cache")
+
+
+def run_abi(args: list[str], module: str = "abi_train", cwd: Path | None = None, env: dict | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args`` in a subprocess (never raises on a non-zero exit)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    """The config `python -m abi_train <overrides>` would run with (hydra.* keys left out)."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}

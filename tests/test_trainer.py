@@ -1,0 +1,130 @@
+"""The shared trainer on the LLM recipe: exact resume, precisions, accumulation, non-finite skipping,
+checkpoints, golden losses."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_LLM, compose_cfg, losses, read_metrics
+
+from abi_train import checkpoint as ckpt
+from abi_train.distributed import DistInfo
+from abi_train.errors import UserError
+from abi_train.tasks import task_class
+from abi_train.trainer import Trainer
+
+GOLDEN = Path(__file__).parent / "golden" / "llm_tiny_losses.json"
+
+
+def train(tmp_path: Path, cache_dir: Path, overrides: list[str], name: str = "run") -> Path:
+    cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", *overrides])
+    run_dir = tmp_path / name
+    task = task_class(cfg.task)(cfg, DistInfo())
+    Trainer(cfg, task, run_dir, DistInfo()).fit()
+    return run_dir
+
+
+def test_exact_resume(tmp_path, cache_dir):
+    """2N steps in one run == N steps + resume for N more: identical per-step losses (equality)."""
+    full = train(tmp_path, cache_dir, ["trainer.max_steps=8"], "full")
+    part = train(tmp_path, cache_dir, ["trainer.max_steps=8", "trainer.stop_at_step=4"], "part")
+    cfg_resume = ["trainer.max_steps=8", "resume=true", "trainer.ckpt_every=4"]
+    cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", *cfg_resume])
+    Trainer(cfg, task_class("llm")(cfg, DistInfo()), part, DistInfo()).fit()
+    assert losses(full) == losses(part)
+    assert sorted(losses(part)) == list(range(1, 9))
+
+
+def test_golden_losses(tmp_path, cache_dir):
+    """Loss of the seeded tiny model after each of 4 steps matches the stored values."""
+    got = losses(train(tmp_path, cache_dir, []))
+    got = {str(k): v for k, v in got.items()}
+    if os.environ.get("ABI_REGEN_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1))
+    want = json.loads(GOLDEN.read_text())
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-4), k
+    assert got["4"] < got["1"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_precisions_train_on_cpu(tmp_path, cache_dir, precision):
+    run = train(tmp_path, cache_dir, [f"trainer.precision={precision}", "trainer.max_steps=3"])
+    rows = read_metrics(run)
+    assert all(math.isfinite(r["train/loss"]) for r in rows)
+    if precision == "fp16":
+        assert "train/loss_scale" in rows[-1]
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, cache_dir):
+    big = losses(train(tmp_path, cache_dir, ["trainer.batch_size=8"], "big"))
+    acc = losses(train(tmp_path, cache_dir, ["trainer.batch_size=2", "trainer.global_batch_size=8"], "acc"))
+    for step in big:
+        assert acc[step] == pytest.approx(big[step], rel=1e-5)
+
+
+def test_grad_clip_logs_preclip_norm(tmp_path, cache_dir):
+    rows = read_metrics(train(tmp_path, cache_dir, ["trainer.grad_clip=1e-6", "trainer.max_steps=2"]))
+    assert rows[0]["train/grad_norm"] > 1e-3  # the norm before clipping, not the clipped one
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, cache_dir, monkeypatch):
+    cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", "trainer.max_steps=6",
+                       "trainer.max_nonfinite_steps=3"])
+    task = task_class("llm")(cfg, DistInfo())
+    real_loss = task.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch):
+        calls["n"] += 1
+        loss, logs = real_loss(model, batch)
+        return (loss * float("nan") if calls["n"] >= 2 else loss), logs
+
+    monkeypatch.setattr(task, "loss", sometimes_nan)
+    trainer = Trainer(cfg, task, tmp_path / "nan", DistInfo())
+    with pytest.raises(UserError, match="3 steps in a row with a non-finite loss"):
+        trainer.fit()
+    assert trainer.nonfinite_total == 3
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())  # no NaN update applied
+
+
+def test_checkpoints_keep_last_and_latest(tmp_path, cache_dir):
+    run = train(tmp_path, cache_dir, ["trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.keep_last=2"])
+    names = [p.name for p in ckpt.list_checkpoints(run)]
+    assert names == ["step_00000004", "step_00000006"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert not list((run / "checkpoints").glob(".tmp*"))
+    step_dir = ckpt.resolve_checkpoint(run)
+    assert {"model.safetensors", "meta.json", "train_state.pt", "tokenizer.json"} <= {
+        p.name for p in step_dir.iterdir()
+    }
+    # weights_only loading of everything that is not safetensors
+    state = torch.load(step_dir / "train_state.pt", weights_only=True)
+    assert state["step"] == 6
+    model, meta = ckpt.load_model(run)
+    assert meta["family"] == "llm" and meta["step"] == 6
+
+
+def test_init_from_loads_weights_not_state(tmp_path, cache_dir):
+    first = train(tmp_path, cache_dir, ["trainer.max_steps=3", "trainer.ckpt_every=3"], "first")
+    cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", f"init_from={first}", "trainer.max_steps=1"])
+    trainer = Trainer(cfg, task_class("llm")(cfg, DistInfo()), tmp_path / "second", DistInfo())
+    trainer.setup()
+    trained, _ = ckpt.load_model(first)
+    assert trainer.step == 0
+    for (name, p), q in zip(trainer.raw_model.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_with_other_model_shape_is_a_user_error(tmp_path, cache_dir):
+    run = train(tmp_path, cache_dir, ["trainer.max_steps=2", "trainer.ckpt_every=2"])
+    cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", "resume=true", "model.n_layer=3"])
+    with pytest.raises(UserError, match="different model shape.*n_layer"):
+        Trainer(cfg, task_class("llm")(cfg, DistInfo()), run, DistInfo()).setup()
