@@ -68,8 +68,7 @@ def main() -> None:
         try:
             summary = run_cli(lambda: train(cfg, run_dir))
         except SystemExit:
-            if not cfg.resume:
-                _remove_if_unused(run_dir)
+            _remove_if_unused(run_dir)
             raise
         # Returned to Hydra so sweepers can optimise it.
         return summary.get("val/loss", summary.get("train/loss"))
