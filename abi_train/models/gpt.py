@@ -1,0 +1,180 @@
+"""A decoder-only transformer in two styles, built from the shared ``layers.Block``.
+
+- ``gpt2``: LayerNorm, learned positions (``pos_embd``), GELU (tanh approximation, as llama.cpp
+  computes it) MLP, biases everywhere, tied embeddings.
+- ``llama``: RMSNorm, rotate-half RoPE, SwiGLU MLP, grouped-query attention, no biases.
+
+Parameter names (``tok_embd``, ``pos_embd``, ``blocks.N.*``, ``norm_f``, ``lm_head``) are what the
+checkpoint stores and what ``abi_train.export.gguf_llm`` maps to llama.cpp's names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abi_train.errors import UserError
+from abi_train.models.layers import Block, make_norm, rope_cache
+
+STYLES = ("llama", "gpt2")
+
+
+@dataclass
+class GPTConfig:
+    style: str = "llama"  # llama | gpt2
+    vocab_size: int | None = None  # embedding rows; the LLM task fills null from the tokenizer
+    context_length: int = 128  # longest sequence; sizes gpt2's position table and the RoPE cache
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int | None = None  # key/value heads (GQA); None = n_head
+    d_model: int = 64
+    ffn_hidden: int | None = None  # None: gpt2 4*d; llama 8/3*d rounded up to a multiple of 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # RoPE base (llama style only)
+    tie_embeddings: bool = True  # lm_head shares tok_embd's weight
+    dropout: float = 0.0
+    name: str = "gpt"  # free text, written into GGUF's general.name
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise UserError(f"model.style={self.style!r} is not valid; choose one of: {', '.join(STYLES)}")
+        if self.vocab_size is None:
+            raise UserError("model.vocab_size is null; the LLM task sets it from the tokenizer")
+        for key in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+            raise UserError(
+                f"model.d_model={self.d_model} must divide by n_head={self.n_head}, "
+                f"and n_head by n_kv_head={self.n_kv_head}"
+            )
+        if self.style == "llama" and (self.d_model // self.n_head) % 2:
+            raise UserError(f"model: RoPE needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.d_model if self.style == "gpt2" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        llama = cfg.style == "llama"
+        self.tok_embd = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if not llama:
+            self.pos_embd = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg.d_model,
+                cfg.n_head,
+                cfg.ffn_hidden,
+                n_kv_head=cfg.n_kv_head,
+                norm="rmsnorm" if llama else "layernorm",
+                norm_eps=cfg.norm_eps,
+                mlp="swiglu" if llama else "gelu_tanh",
+                bias=not llama,
+                dropout=cfg.dropout,
+            )
+            for _ in range(cfg.n_layer)
+        )
+        self.norm_f = make_norm("rmsnorm" if llama else "layernorm", cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_embd.weight
+        # Recomputed on load (non-persistent), so checkpoints hold weights only.
+        rope = rope_cache(cfg.context_length, cfg.d_model // cfg.n_head, cfg.rope_theta) if llama else None
+        self.register_buffer("rope", rope, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2*n_layer) so the residual stream's
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Plain kwargs that rebuild this model through ``abi_train.models.build_model``."""
+        return {"arch": "gpt", **asdict(self.cfg)}
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied lm_head counts once); optionally without the embedding tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_embd.weight.numel()
+            n -= self.pos_embd.weight.numel() if hasattr(self, "pos_embd") else 0
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, PaLM (appendix B) / nanoGPT: 6*N + 12*L*d*T.
+
+        N = parameters that take part in matmuls (blocks + lm_head; embedding lookups are free),
+        6 = 2 forward + 4 backward per parameter; 12*L*d*T counts attention scores and the
+        weighted sum of values over a full context T = context_length.
+        """
+        c = self.cfg
+        n = sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.d_model * c.context_length
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids ``idx`` (B, T); with ``targets``, the mean cross entropy
+        over positions whose target is not -100."""
+        seq_len = idx.shape[1]
+        if seq_len > self.cfg.context_length:
+            raise ValueError(f"sequence length {seq_len} exceeds context_length {self.cfg.context_length}")
+        x = self.tok_embd(idx)
+        if self.rope is None:
+            x = x + self.pos_embd(torch.arange(seq_len, device=idx.device))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, self.rope)
+        logits = self.lm_head(self.norm_f(x))
+        if targets is None:
+            return logits
+        # No explicit .float(): under autocast cross_entropy upcasts internally, so no second full
+        # fp32 copy of the (B*T, V) logits is kept alive by us.
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T); temperature 0 is greedy."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.context_length :])[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def build_gpt(**kwargs: Any) -> GPT:
+    """Registered as arch ``gpt``; kwargs are ``GPTConfig`` fields (a model YAML minus ``arch``)."""
+    unknown = sorted(set(kwargs) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        valid = ", ".join(f.name for f in fields(GPTConfig))
+        raise UserError(f"unknown model key(s) {', '.join(unknown)} for arch gpt; valid: {valid}")
+    return GPT(GPTConfig(**kwargs))
