@@ -1,0 +1,171 @@
+"""LLM pretraining: next-token cross entropy over fixed windows of a token stream.
+
+Data is ``data=text`` (files or the built-in corpus, tokenized once and cached) or ``data=shards``
+(pre-tokenized, memory-mapped). The tokenizer comes from the checkpoint on resume, else
+``data.tokenizer``, else it is trained on the training text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from abi_train.data.sampler import GlobalBatchSampler
+from abi_train.data.text import load_text_data
+from abi_train.data.tokenizer import Tokenizer
+from abi_train.data.tokens import TokenWindows, collate_windows, load_shards
+from abi_train.distributed import DistInfo, barrier
+from abi_train.errors import UserError
+from abi_train.tasks.base import EvalResult, Task
+from abi_train.utils import unwrap
+
+SAMPLE_PROMPT = "The"  # the evaluation sample continues this, with a fixed seed, so samples compare over time
+SAMPLE_TOKENS = 48
+
+
+@contextlib.contextmanager
+def main_first(dist: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the block first (filling caches); the other ranks run it after, hitting the cache."""
+    if not dist.is_main:
+        barrier()
+    yield
+    if dist.is_main:
+        barrier()
+
+
+class LLMTask(Task):
+    family: ClassVar[str] = "llm"
+    unit: ClassVar[str] = "tokens"
+
+    def setup(self, artifact_dir: Path | None) -> None:
+        d = self.cfg.data
+        self.seq_len = int(d.seq_len)
+        context = self.cfg.model.get("context_length")
+        if context is not None and self.seq_len > context:
+            raise UserError(f"data.seq_len={self.seq_len} is larger than model.context_length={context}")
+        if self.seq_len < 1:
+            raise UserError(f"data.seq_len must be a positive integer, got {self.seq_len}")
+        tokenizer_path = d.get("tokenizer")
+        if artifact_dir is not None and (Path(artifact_dir) / "tokenizer.json").is_file():
+            tokenizer_path = Path(artifact_dir) / "tokenizer.json"  # resume: the run's own tokenizer
+
+        with main_first(self.dist):
+            if d.name == "shards":
+                if not d.get("path"):
+                    raise UserError("data=shards needs data.path=DIR (a folder from scripts/make_token_shards.py)")
+                shards = load_shards(d.path, tokenizer_path)
+                train, val, self.tokenizer = shards.train, shards.val, shards.tokenizer
+            elif d.name == "text":
+                files = d.files
+                text = load_text_data(
+                    OmegaConf.to_container(files) if OmegaConf.is_config(files) else files,
+                    d.text_field,
+                    float(d.val_fraction),
+                    Tokenizer.load(tokenizer_path) if tokenizer_path else None,
+                    int(d.vocab_size),
+                    d.get("cache_dir"),
+                )
+                train, val, self.tokenizer = [text.train], [text.val], text.tokenizer
+            else:
+                raise UserError(f"data={d.name!r} is not LLM data; use data=text or data=shards")
+
+        self.vocab_size = self.cfg.model.get("vocab_size") or 64 * math.ceil(self.tokenizer.vocab_size / 64)
+        if self.tokenizer.vocab_size > self.vocab_size:
+            raise UserError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than "
+                f"model.vocab_size={self.vocab_size}; "
+                "raise model.vocab_size or set it to null (tokenizer size rounded up to 64)"
+            )
+        self.train_set = TokenWindows(train, self.seq_len)
+        self.val_set = TokenWindows(val, self.seq_len)
+        for split, ds, arrays in (("training", self.train_set, train), ("validation", self.val_set, val)):
+            if len(ds) == 0:
+                raise UserError(
+                    f"the {split} split has {sum(map(len, arrays))} tokens, fewer than one window of "
+                    f"data.seq_len+1={self.seq_len + 1}; use more text, a smaller data.seq_len"
+                    + (" or a larger data.val_fraction" if split == "validation" else "")
+                )
+
+    def model_config(self) -> dict[str, Any]:
+        config = OmegaConf.to_container(self.cfg.model, resolve=True)
+        assert isinstance(config, dict)
+        config.setdefault("arch", "gpt")
+        if config["arch"] != "gpt":
+            raise UserError(f"task llm needs a gpt model (arch: gpt), got model.arch={config['arch']!r}")
+        config["vocab_size"] = self.vocab_size
+        return config
+
+    def num_train_items(self) -> int:
+        return len(self.train_set)
+
+    def train_loader(self, sampler: GlobalBatchSampler) -> Iterable[Any]:
+        return DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=self.cfg.trainer.num_workers,
+            pin_memory=torch.cuda.is_available() and str(self.cfg.trainer.device) != "cpu",
+            collate_fn=collate_windows,
+        )
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        return model(x, y), {}
+
+    def items_in(self, batch: Any) -> int:
+        return batch[0].numel()
+
+    def synthetic_batch(self, batch_size: int) -> Any:
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, self.vocab_size, (batch_size, self.seq_len + 1), generator=gen)
+        return collate_windows(list(tokens))
+
+    def flops_per_item(self, model: nn.Module) -> float:
+        return unwrap(model).flops_per_token()
+
+    def _val_indices(self) -> list[int]:
+        """The same validation windows every time: evenly spread over the whole split."""
+        n = min(len(self.val_set), self.cfg.trainer.eval_batches * self.cfg.trainer.batch_size)
+        return np.linspace(0, len(self.val_set) - 1, n).round().astype(int).tolist()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
+        was_training = model.training
+        model.eval()
+        try:
+            indices, batch_size = self._val_indices(), self.cfg.trainer.batch_size
+            total, count = torch.zeros((), device=device), 0
+            for i in range(0, len(indices), batch_size):
+                x, y = self.to_device(collate_windows([self.val_set[j] for j in indices[i : i + batch_size]]), device)
+                total += model(x, y).float() * x.numel()
+                count += x.numel()
+            loss = (total / count).item()
+            # A local generator: sampling must not move the global RNG, or resumed runs would diverge.
+            gen = torch.Generator(device=device).manual_seed(0)
+            prompt = torch.tensor([self.tokenizer.encode(SAMPLE_PROMPT)], device=device)
+            out = unwrap(model).generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=40, generator=gen)
+            sample = self.tokenizer.decode(out[0].tolist())
+        finally:
+            model.train(was_training)
+        return EvalResult(
+            scalars={"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))},
+            texts={"samples/text": sample},
+        )
+
+    def save_artifacts(self, directory: Path) -> None:
+        self.tokenizer.save(Path(directory) / "tokenizer.json")
+
+    def metadata(self) -> dict[str, Any]:
+        t = self.tokenizer
+        return {
+            "tokenizer": {"bos_id": t.bos_id, "eos_id": t.eos_id, "pad_id": t.pad_id},
+            "seq_len": self.seq_len,
+        }
