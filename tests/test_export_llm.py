@@ -229,11 +229,11 @@ def test_export_checkpoint_and_cli(tmp_path, tok_path, monkeypatch, capsys):
     corrupt = write_checkpoint(tmp_path / "corrupt", m, tok_path)
     (corrupt / "model.safetensors").write_bytes((corrupt / "model.safetensors").read_bytes()[:1000])
     write_checkpoint(tmp_path / "notok", m, None)
-    write_checkpoint(tmp_path / "vit", m, tok_path, family="vit")
+    write_checkpoint(tmp_path / "vit", m, tok_path, family="rnn")
     bad = tmp_path / "bad"
     bad.mkdir()
     for argv, msg in [
-        ([str(tmp_path / "vit"), "-o", str(bad / "m.gguf")], "cannot export family 'vit'"),
+        ([str(tmp_path / "vit"), "-o", str(bad / "m.gguf")], "cannot export family 'rnn'"),
         ([str(tmp_path / "notok"), "-o", str(bad / "m.gguf")], "needs a tokenizer.json"),
         ([str(run), "-o", str(bad / "m.gguf"), "--outtype", "q3"], "outtype 'q3' is not supported"),
         ([str(run), "-o", str(tmp_path / "nodir" / "m.gguf")], "output directory does not exist"),

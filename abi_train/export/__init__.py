@@ -16,8 +16,12 @@ from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
 from abi_train.errors import UserError
 from abi_train.export.gguf_common import add_general, add_tensors, check_outtype
 
-# family (meta.json "family") -> its name-map module; vit and clip add theirs here.
-FAMILIES = {"llm": "abi_train.export.gguf_llm"}
+# family (meta.json "family") -> its name-map module.
+FAMILIES = {
+    "llm": "abi_train.export.gguf_llm",
+    "vit": "abi_train.export.gguf_vit",
+    "clip": "abi_train.export.gguf_clip",
+}
 
 # gguf's writer logs its file plan (naming our temp file) at INFO: noise in a training log.
 logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
@@ -54,7 +58,7 @@ def export_gguf(
     try:
         add_general(writer, model.config.get("name") or meta["family"], meta, outtype)
         fam.add_metadata(writer, model, meta, Path(tokenizer_path) if tokenizer_path else None)
-        add_tensors(writer, fam.to_gguf(model), outtype, fam.KEEP_F32)
+        add_tensors(writer, fam.to_gguf(model), outtype, fam.KEEP_F32, getattr(fam, "KEEP_F16", ()))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

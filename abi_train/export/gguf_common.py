@@ -7,6 +7,7 @@ name map and hyperparameters:
     NEEDS_TOKENIZER: bool
     ARCHITECTURES: tuple[str, ...]                      general.architecture values it writes/reads
     KEEP_F32: tuple[str, ...]                           name suffixes of 2-D+ tensors kept in F32
+    KEEP_F16: tuple[str, ...]   (optional)              name suffixes stored F16 unless the outtype is f32
     architecture(model) -> str
     add_metadata(writer, model, meta, tokenizer_path)   "{arch}.*" keys (+ add_tokenizer here)
     to_gguf(model) -> dict[str, Tensor]                 GGUF name -> tensor (PyTorch layout)
@@ -51,12 +52,17 @@ def check_outtype(outtype: str) -> str:
     return outtype
 
 
-def tensor_type(name: str, shape: tuple[int, ...], outtype: str, keep_f32: tuple[str, ...] = ()) -> Q:
-    """1-D tensors (norms, biases) and ``keep_f32`` names stay F32; quantized types need rows that
-    are a whole number of blocks, otherwise the tensor falls back to F16."""
+def tensor_type(
+    name: str, shape: tuple[int, ...], outtype: str, keep_f32: tuple[str, ...] = (), keep_f16: tuple[str, ...] = ()
+) -> Q:
+    """1-D tensors (norms, biases) and ``keep_f32`` names stay F32; ``keep_f16`` names (conv kernels: ggml's
+    im2col wants F16) are F16 unless the whole file is F32; quantized types need rows that are a whole
+    number of blocks, otherwise the tensor falls back to F16."""
     qtype = OUTTYPES[outtype][1]
     if len(shape) < 2 or name.endswith(keep_f32):
         return Q.F32
+    if name.endswith(keep_f16) and qtype != Q.F32:
+        return Q.F16
     block = GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block:
         log.warning(
@@ -66,10 +72,16 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str, keep_f32: tuple
     return qtype
 
 
-def add_tensors(writer: GGUFWriter, tensors: dict[str, torch.Tensor], outtype: str, keep_f32: tuple[str, ...]) -> None:
+def add_tensors(
+    writer: GGUFWriter,
+    tensors: dict[str, torch.Tensor],
+    outtype: str,
+    keep_f32: tuple[str, ...],
+    keep_f16: tuple[str, ...] = (),
+) -> None:
     for name, t in tensors.items():
         arr = np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
-        qtype = tensor_type(name, arr.shape, outtype, keep_f32)
+        qtype = tensor_type(name, arr.shape, outtype, keep_f32, keep_f16)
         writer.add_tensor(name, quantize(arr, qtype), raw_dtype=qtype)
 
 

@@ -43,8 +43,11 @@ def read_gguf(path: str | Path) -> tuple[nn.Module, Tokenizer | None, dict[str, 
     fam = _family_module(kv)
     config = fam.config_from_gguf(kv, tensors)
     model = build_model(config)
+    state = fam.from_gguf(tensors, config)
+    if hasattr(fam, "params_from_metadata"):  # parameters a family keeps as metadata (CLIP's logit scale)
+        state |= fam.params_from_metadata(kv)
     try:
-        model.load_state_dict(fam.from_gguf(tensors, config), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise UserError(f"{path}: tensors do not fit the model its metadata describes ({first})") from None
