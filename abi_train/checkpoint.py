@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_file as st_save_file
 from safetensors.torch import save_model as st_save_model
 from torch import nn
 
@@ -64,6 +65,21 @@ def begin_checkpoint(run_dir: Path, step: int) -> Path:
 
 def write_weights(tmp: Path, model: nn.Module) -> None:
     st_save_model(model, str(tmp / "model.safetensors"))
+
+
+def write_state_dict(tmp: Path, state: dict[str, torch.Tensor]) -> None:
+    """model.safetensors from a (gathered) state dict, byte for byte what ``write_weights`` writes for
+    the same weights: a tensor stored under several names (tied weights) is kept once, under its
+    alphabetically first name, the others recorded in the metadata as safetensors' save_model does."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, t in state.items():
+        by_tensor.setdefault(id(t), []).append(name)
+    kept, aliases = {}, {}
+    for names in by_tensor.values():
+        keep, *others = sorted(names)
+        kept[keep] = state[keep].contiguous()
+        aliases.update({other: keep for other in others})
+    st_save_file(kept, str(tmp / "model.safetensors"), metadata=aliases or None)
 
 
 def finish_checkpoint(

@@ -32,7 +32,10 @@ def run_cli(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from abi_train.distributed import claim_error_report
+
+        if claim_error_report():  # under torchrun: once per job, not once per rank
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -62,13 +65,19 @@ def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from abi_train.distributed import dist_info_from_env, launch_overrides
+
+    # Under torchrun every rank composes its own config: make them agree on one run dir first.
+    sys.argv += run_cli(lambda: launch_overrides(sys.argv[1:]))
+
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
     def _hydra_main(cfg: DictConfig) -> float | None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             summary = run_cli(lambda: train(cfg, run_dir))
         except SystemExit:
-            _remove_if_unused(run_dir)
+            if dist_info_from_env().is_main:  # the run dir is shared by all ranks
+                _remove_if_unused(run_dir)
             raise
         # Returned to Hydra so sweepers can optimise it.
         return summary.get("val/loss", summary.get("train/loss"))

@@ -1,12 +1,32 @@
-"""Process-group setup from torchrun's environment; everything rank-aware reads DistInfo."""
+"""Multi-process training under torchrun: process group, DDP / FSDP2 wrapping, consolidated state.
+
+One process per GPU (or CPU process on Gloo). Everything rank-aware reads DistInfo. PyTorch's own engine
+does the work: torchrun launches, DDP or FSDP2 (``fully_shard``) synchronise gradients, and
+``torch.distributed.checkpoint.state_dict`` gathers full (unsharded) weights and optimizer state, so
+checkpoints do not depend on the number of processes that wrote them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from abi_train.errors import UserError
+
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+RUN_STAMP_ENV = "ABI_RUN_STAMP"  # configs/train.yaml names the default run dir after it
+# A collective that waits longer than this fails (a hung rank ends the job instead of blocking it forever).
+TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -33,49 +53,254 @@ def dist_info_from_env() -> DistInfo:
     )
 
 
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.barrier()
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a picklable object from ``src`` to every rank (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.AVG)
-    return t
+    """Mean over ranks (a new tensor); ``t`` itself when not distributed."""
+    if not _initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)  # SUM, then divide: Gloo has no ReduceOp.AVG
+    return t / dist.get_world_size()
 
 
+# --- before Hydra: one run dir for all ranks, one error message per job -----------------------------
+@cache
+def _agent_store() -> dist.Store | None:
+    """The key-value store torchrun's agent serves to its workers (None outside torchrun)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=TIMEOUT)
+
+
+def launch_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides that make the processes of one torchrun job share a single run dir.
+
+    Hydra resolves ``${now:}`` in every process, so the default run dir name would differ per rank.
+    The first rank to ask stores its timestamp in torchrun's store and every rank reads that one back
+    (atomic compare-and-set, no file race) into ABI_RUN_STAMP, which the run dir's name uses. Ranks > 0
+    also skip Hydra's own outputs (.hydra/ and the log file): rank 0 writes everything in the run dir.
+    """
+    info = dist_info_from_env()
+    if not info.enabled:
+        return []
+    if RUN_STAMP_ENV not in os.environ and not any(a.startswith("hydra.run.dir=") for a in argv):
+        store = _agent_store()
+        if store is None:
+            raise UserError(
+                f"{info.world_size} processes were started without torchrun, so they cannot agree on a run dir; "
+                f"pass hydra.run.dir=DIR (or set {RUN_STAMP_ENV}) identically on every process"
+            )
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        os.environ[RUN_STAMP_ENV] = store.compare_set("abi_train/run_stamp", "", stamp).decode()
+    if info.is_main:
+        return []
+    extra = []
+    if not any(a.startswith("hydra.output_subdir") for a in argv):
+        extra.append("hydra.output_subdir=null")
+    if not any(a.startswith("hydra/job_logging") for a in argv):
+        extra.append("hydra/job_logging=none")
+    return extra
+
+
+def claim_error_report() -> bool:
+    """True for the one process of a torchrun job that should print a user error (the first to fail).
+
+    The same bad setting usually fails on every rank at once; the job should say so once.
+    """
+    info = dist_info_from_env()
+    if not info.enabled:
+        return True
+    try:
+        store = _agent_store()
+        if store is None:
+            return True
+        key = f"abi_train/error_reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        return store.compare_set(key, "", str(info.rank)).decode() == str(info.rank)
+    except Exception:  # the agent may already be tearing the job down: better twice than never
+        return True
+
+
+# --- process group and model wrapping ------------------------------------------------------------
 def init_distributed(info: DistInfo, device_spec: str) -> None:
     """Join torchrun's process group (NCCL on GPUs, Gloo on CPU). No-op for a single process."""
-    if not info.enabled or dist.is_initialized():
+    if not info.enabled or _initialized():
         return
-    import datetime
+    from abi_train.utils import pick_device
 
-    use_cuda = torch.cuda.is_available() and device_spec in ("auto", "cuda") or device_spec.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank)
-    # A finite timeout: a rank that dies takes the job down instead of leaving the others hanging.
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    device = pick_device(device_spec, info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", timeout=TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group(backend="gloo", timeout=TIMEOUT)
 
 
-def wrap_model(model: torch.nn.Module, trainer_cfg, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """DDP when several processes run (gradient sync on the last micro-step only, via no_sync)."""
-    mode = trainer_cfg.parallel
-    if mode not in ("auto", "none", "ddp", "fsdp"):
-        from abi_train.errors import UserError
+def resolve_parallel(mode: str, info: DistInfo) -> str:
+    """trainer.parallel -> "none" | "ddp" | "fsdp" for this job (auto: ddp when several processes run)."""
+    if mode not in PARALLEL_MODES:
+        raise UserError(f"trainer.parallel={mode!r} is not known; valid: {', '.join(PARALLEL_MODES)}")
+    if not info.enabled:
+        return "none"  # one process: nothing to synchronise, whatever was asked
+    if mode == "none":
+        raise UserError(
+            f"trainer.parallel=none with {info.world_size} processes would train {info.world_size} separate "
+            "models; use trainer.parallel=ddp or fsdp (or auto)"
+        )
+    return "ddp" if mode == "auto" else mode
 
-        raise UserError(f"trainer.parallel={mode!r} is not known; valid: auto, none, ddp, fsdp")
-    if not info.enabled or mode == "none":
+
+def wrap_model(model: nn.Module, trainer_cfg: Any, info: DistInfo, device: torch.device) -> nn.Module:
+    """DDP (a wrapper) or FSDP2 (shards ``model`` in place: build the optimizer after this)."""
+    mode = resolve_parallel(trainer_cfg.parallel, info)
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if mode == "fsdp":
+        return shard_model(model, trainer_cfg.precision, device)
+    return model
+
+
+def fsdp_mixed_precision(precision: str) -> Any:
+    """FSDP2's dtype policy for trainer.precision.
+
+    bf16: parameters gathered and computed in bf16, gradients reduced in fp32 (the sharded master
+    weights and optimizer state stay fp32). fp16: parameters stay fp32 and autocast computes in fp16:
+    the GradScaler's scaled gradients could overflow an fp16 reduction, and its inf check over DTensor
+    gradients is already reduced across ranks. fp32: no casts.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """FSDP2: ``fully_shard`` every module of every ``blocks`` ModuleList (gpt, vit, clip's two towers),
+    then the root, which keeps the rest (embeddings, tied lm_head, final norm) in one unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise UserError(f"trainer.parallel=fsdp needs torch >= 2.6 (FSDP2); this is {torch.__version__}") from None
+    scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
+    if scalars:
+        raise UserError(
+            f"trainer.parallel=fsdp cannot shard this model: FSDP2 does not take 0-dim parameters "
+            f"({', '.join(scalars)}); use trainer.parallel=ddp"
+        )
+    # Ranks seeded differently built different initial weights; DDP would broadcast rank 0's, FSDP does not.
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t, src=0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = fsdp_mixed_precision(precision)
+    for module in list(model.modules()):
+        blocks = getattr(module, "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            for block in blocks:
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")  # what fully_shard turns a module into (FSDPModule)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Forward+backward of one micro-step; with ``enabled=False`` gradients accumulate locally
+    (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``) and the last micro-step syncs them all."""
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif _is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to ``max_norm``; return the global gradient norm before clipping as a plain tensor.
+
+    With FSDP2 the gradients are DTensor shards: the norm is reduced over ranks and comes back as a
+    replicated DTensor, the same number a single process computes on the full gradients.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+# --- consolidated state: the same files whatever the number of processes --------------------------
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on CPU (collective under FSDP: every rank calls it; rank 0 receives, others get {}).
+
+    Tied parameters (GPT's lm_head = tok_embd) come back as one tensor under each of their names,
+    as in ``model.state_dict()``, so savers can store them once.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options())
+    if not state:
+        return state
+    first_name: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first = first_name.setdefault(id(p), name)
+        if first != name and first in state:
+            state[name] = state[first]
+    return state
+
+
+def full_model(model: nn.Module) -> nn.Module | None:
+    """``model`` with whole weights, for rank-0 work such as export: itself unless FSDP2 sharded it, else
+    (collective: every rank calls it) a rebuilt copy on CPU for rank 0 and None for the other ranks."""
+    if not _is_fsdp(model):
         return model
-    from torch.nn.parallel import DistributedDataParallel
+    state = full_state_dict(model)
+    if not state:
+        return None
+    from abi_train.models import build_model
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    whole = build_model(model.config)
+    whole.load_state_dict(state)
+    return whole.train(model.training)
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Unsharded optimizer state keyed by parameter names (collective; rank 0 receives, others get {}).
+
+    Keyed by name rather than position, it loads into any world size and into DDP or FSDP alike.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full, name-keyed optimizer state (every rank holds it; FSDP keeps its own shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -20,7 +20,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from abi_train import checkpoint as ckpt
 from abi_train.data.sampler import GlobalBatchSampler
-from abi_train.distributed import DistInfo, barrier, wrap_model
+from abi_train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    clip_grad_norm_,
+    full_model,
+    full_optimizer_state_dict,
+    full_state_dict,
+    grad_sync,
+    load_optimizer_state_dict,
+    wrap_model,
+)
 from abi_train.errors import UserError
 from abi_train.metrics import MetricsLogger, Progress, peak_flops
 from abi_train.models import build_model
@@ -111,6 +122,8 @@ class Trainer:
         elif cfg.init_from:
             source = ckpt.resolve_checkpoint(cfg.init_from)
             ckpt.load_weights(raw, source)
+        # Before the optimizer: FSDP2 shards raw in place (its parameters become DTensors).
+        self.model = wrap_model(raw, cfg.trainer, dist, self.device)
         self.raw_model = raw
         self.optimizer = build_optimizer(raw, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
@@ -122,7 +135,6 @@ class Trainer:
             self._load_train_state(self.resume_from)
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.max_norm = cfg.trainer.grad_clip if cfg.trainer.grad_clip else math.inf
-        self.model = wrap_model(raw, cfg.trainer, dist, self.device)
         if cfg.trainer.compile:
             self.model = torch.compile(self.model)
         sampler = GlobalBatchSampler(
@@ -150,7 +162,7 @@ class Trainer:
     def _train_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state_dict(self.raw_model, self.optimizer),  # by name: any world size
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "nonfinite_total": self.nonfinite_total,
@@ -166,7 +178,7 @@ class Trainer:
                 f"uses {self.global_batch}; set trainer.global_batch_size={state['global_batch']}"
             )
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_total = state["nonfinite_total"]
@@ -183,14 +195,16 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Every rank calls this (sharded models gather collectively); rank 0 writes."""
+        """Every rank calls this: weights and optimizer state are gathered whole (collectives under FSDP),
+        so any number of processes can resume the checkpoint; rank 0 writes."""
+        weights, train_state = full_state_dict(self.raw_model), self._train_state()
         if self.dist.is_main:
             ckpt.begin_checkpoint(self.run_dir, self.step)
         tmp = ckpt.temp_checkpoint_dir(self.run_dir, self.step)
         barrier()
         torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
         if self.dist.is_main:
-            ckpt.write_weights(tmp, self.raw_model)
+            ckpt.write_state_dict(tmp, weights)
         barrier()
         final = None
         if self.dist.is_main:
@@ -199,7 +213,7 @@ class Trainer:
                 tmp,
                 self.step,
                 self._meta(),
-                self._train_state(),
+                train_state,
                 self.task.save_artifacts,
                 self.cfg.trainer.keep_last,
             )
@@ -213,16 +227,15 @@ class Trainer:
         items = 0
         for micro in range(self.accumulation):
             batch = task.to_device(next(batches), self.device)
-            sync = micro == self.accumulation - 1
-            no_sync = getattr(self.model, "no_sync", None)
-            with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+            with grad_sync(self.model, enabled=micro == self.accumulation - 1):
                 with self._autocast():
                     loss, logs = task.loss(self.model, batch)
                 self.scaler.scale(loss / self.accumulation).backward()
             step_loss += loss.detach() / self.accumulation
             items += task.items_in(batch)
+        step_loss = all_reduce_mean(step_loss)  # the loss of the global batch, as one process would see it
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        grad_norm = clip_grad_norm_(self.params, self.max_norm)
         # The one host sync per step: a non-finite loss or gradient must skip the update.
         # (fp16 gradient overflow is the GradScaler's normal business, not a divergence.)
         finite = torch.isfinite(step_loss)
@@ -333,12 +346,14 @@ class Trainer:
 
         progress.close()
         task.close()
+        if cfg.export.gguf:
+            whole = full_model(self.raw_model)  # every rank: FSDP gathers the sharded weights
         if cfg.export.gguf and is_main:
             from abi_train.export import export_gguf
 
             tokenizer = self.run_dir / "tokenizer.json"
             out = export_gguf(
-                self.raw_model,
+                whole,
                 {**self._meta(), "step": self.step},
                 tokenizer if tokenizer.is_file() else None,
                 self.run_dir / "model.gguf",

@@ -93,6 +93,10 @@ class Task(ABC):
     def close(self) -> None:
         """Report end-of-run facts (e.g. skipped corrupt images)."""
 
+    def synthetic_batch(self, batch_size: int) -> Any:
+        """One random micro-batch shaped like the train loader's (CPU tensors): the benchmark's data."""
+        raise NotImplementedError(f"task {self.family!r} has no synthetic batch for the benchmark")
+
 
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):

@@ -1,0 +1,291 @@
+"""Distributed training on CPU: 2 processes on Gloo (torchrun), the same numbers as one process.
+
+The LLM runs below share one global batch of 4: one process with batch 4, and 2 processes (DDP and
+FSDP2) with batch 1 and 2 micro-steps of accumulation each. Their per-step losses and gradient
+norms must match; checkpoints from either resume on the other world size and wrapper and continue
+the same loss curve; the consolidated weights export to the same GGUF.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import TINY_LLM, compose_cfg, losses, read_metrics
+from gguf import GGUFReader
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from abi_train import checkpoint as ckpt
+from abi_train.cli import config_dir
+from abi_train.data.sampler import GlobalBatchSampler
+from abi_train.distributed import DistInfo, launch_overrides, resolve_parallel, shard_model, wrap_model
+from abi_train.errors import UserError
+from abi_train.export import export_checkpoint
+from abi_train.losses import clip_loss
+from abi_train.models import build_model
+from abi_train.tasks import task_class
+from abi_train.trainer import Trainer
+
+STEPS = 6  # checkpoints at steps 3 and 6; resumed runs continue from step 3
+RUN = [*TINY_LLM, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=3", "trainer.device=cpu"]
+TWO_PROCS_ACCUMULATING = ["trainer.batch_size=1", "trainer.global_batch_size=4"]  # 1 x 2 ranks x 2 micro-steps
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start `torchrun --nproc_per_node=2 -m abi_train args` (CPU, one thread per process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ABI_RUN_STAMP"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "abi_train"]
+    return subprocess.Popen([*cmd, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Wait for a torchrun job; one still running after ``timeout`` s hangs: kill its process group, fail."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun job hung for {timeout} s: {proc.args}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def train_here(run_dir: Path, overrides: list[str]) -> None:
+    """One process, in this interpreter (cheaper than a subprocess)."""
+    cfg = compose_cfg(overrides)
+    Trainer(cfg, task_class(cfg.task)(cfg, DistInfo()), run_dir, DistInfo()).fit()
+
+
+def resumable_copy(run_dir: Path, step: int, dest: Path) -> Path:
+    """A new run dir holding only ``run_dir``'s checkpoint of ``step`` (resume=true continues from it)."""
+    name = ckpt.step_dir_name(step)
+    shutil.copytree(run_dir / "checkpoints" / name, dest / "checkpoints" / name)
+    (dest / "checkpoints" / "latest").write_text(name + "\n")
+    return dest
+
+
+def assert_same_curve(got: dict[int, float], want: dict[int, float], steps: range) -> None:
+    assert sorted(got) == list(steps)
+    torch.testing.assert_close(torch.tensor([got[s] for s in steps]), torch.tensor([want[s] for s in steps]),
+                               rtol=1e-5, atol=0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir) -> dict:
+    """Every run the tests below read, made once; independent torchrun jobs run side by side (most of
+    their time is process start-up).
+
+    one            1 process, batch 4: the reference; checkpoints at steps 3 and 6
+    ddp, fsdp      2 processes x batch 1 x 2 micro-steps; ddp without hydra.run.dir (the default run dir)
+    one_to_fsdp    one's step 3 resumed by 2 FSDP processes x batch 2
+    bad_batch      a global batch of 6 that 2 processes x batch 2 cannot split
+    then fsdp's step 3 resumed by 2 DDP processes (fsdp_to_ddp) and by one process (fsdp_to_one).
+    """
+    root = tmp_path_factory.mktemp("dist")
+    common = [*RUN, f"data.cache_dir={cache_dir}"]
+    resume = [*common, "resume=true", "trainer.batch_size=2"]
+    export = ["export=gguf", "export.outtype=f32"]  # model.gguf in the run dir at the end
+    train_here(root / "one", [*common, *export])  # also fills the tokenizer cache the torchrun jobs read
+    (root / "ddp_cwd").mkdir()
+    one_to_fsdp = resumable_copy(root / "one", 3, root / "one_to_fsdp")
+    jobs = {
+        "ddp": torchrun([*common, *TWO_PROCS_ACCUMULATING, "trainer.parallel=ddp"], root / "ddp_cwd"),
+        "fsdp": torchrun([*common, *TWO_PROCS_ACCUMULATING, "trainer.parallel=fsdp", *export,
+                          f"hydra.run.dir={root / 'fsdp'}"], root),
+        "one_to_fsdp": torchrun([*resume, "trainer.parallel=fsdp", f"hydra.run.dir={one_to_fsdp}"], root),
+        "bad_batch": torchrun([*common, "trainer.batch_size=2", "trainer.global_batch_size=6",
+                               f"hydra.run.dir={root / 'bad'}"], root),
+    }  # fmt: skip
+    done = {name: finish(proc) for name, proc in jobs.items()}
+    for name in ("ddp", "fsdp", "one_to_fsdp"):
+        assert done[name].returncode == 0, f"{name}: {done[name].stderr[-3000:]}"
+    fsdp_to_ddp = resumable_copy(root / "fsdp", 3, root / "fsdp_to_ddp")
+    job = torchrun([*resume, "trainer.parallel=ddp", f"hydra.run.dir={fsdp_to_ddp}"], root)
+    fsdp_to_one = resumable_copy(root / "fsdp", 3, root / "fsdp_to_one")
+    train_here(fsdp_to_one, [*resume, "trainer.batch_size=4"])
+    resumed = finish(job)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (ddp_dir,) = (root / "ddp_cwd" / "runs" / "llm").iterdir()
+    return {
+        "one": root / "one",
+        "ddp": ddp_dir,
+        "fsdp": root / "fsdp",
+        "resumed": [one_to_fsdp, fsdp_to_ddp, fsdp_to_one],
+        "bad_batch": done["bad_batch"],
+        "bad_dir": root / "bad",
+    }
+
+
+def test_ddp_and_fsdp_match_one_process(runs):
+    one = read_metrics(runs["one"])
+    for mode in ("ddp", "fsdp"):
+        got = read_metrics(runs[mode])
+        assert [r["step"] for r in got] == list(range(1, STEPS + 1)), mode
+        for key, rtol in (("train/loss", 1e-5), ("train/grad_norm", 1e-4)):
+            torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in one]),
+                                       rtol=rtol, atol=0, msg=f"{mode} {key}")  # fmt: skip
+
+
+def test_resume_across_world_sizes_and_wrappers(runs):
+    """Step-3 checkpoints continue the reference curve: 1 -> 2 (FSDP), FSDP -> DDP, 2 (FSDP) -> 1."""
+    want = losses(runs["one"])
+    for run in runs["resumed"]:
+        assert_same_curve(losses(run), want, range(4, STEPS + 1))
+
+
+def test_one_run_dir_written_by_rank0_only(runs):
+    run = runs["ddp"]
+    assert {p.name for p in run.iterdir()} == {
+        ".hydra", "checkpoints", "config.yaml", "metrics.jsonl", "tensorboard", "tokenizer.json", "train.log"
+    }  # fmt: skip
+    assert len(read_metrics(run)) == STEPS  # one writer, not one per rank
+    assert len(list((run / "tensorboard").iterdir())) == 1
+    last = ckpt.latest_checkpoint(run)
+    assert last is not None and last.name == ckpt.step_dir_name(STEPS)
+    assert {"rng_rank0.pt", "rng_rank1.pt", "model.safetensors", "train_state.pt"} <= {p.name for p in last.iterdir()}
+
+
+def test_consolidated_weights_are_the_one_process_file(runs):
+    """FSDP gathers whole tensors; the tied lm_head / tok_embd is stored once, as a single process does."""
+    files = [runs[m] / "checkpoints" / ckpt.step_dir_name(STEPS) / "model.safetensors" for m in ("one", "fsdp")]
+    one, fsdp = (safe_open(str(f), "pt") for f in files)
+    names = set(one.keys())
+    assert names == set(fsdp.keys()) and "tok_embd.weight" not in names
+    assert one.metadata() == fsdp.metadata() == {"tok_embd.weight": "lm_head.weight"}
+    for name in names:
+        torch.testing.assert_close(fsdp.get_tensor(name), one.get_tensor(name), msg=name)
+
+
+def test_gguf_from_two_processes_equals_one_process(runs, tmp_path):
+    """The same GGUF from the one-process run, from the FSDP run's end-of-training export (weights
+    gathered in memory) and from exporting the FSDP run's checkpoint (model.safetensors)."""
+    one = GGUFReader(runs["one"] / "model.gguf")
+    fields = {k: f.contents() for k, f in one.fields.items()}
+    for path in (runs["fsdp"] / "model.gguf", export_checkpoint(runs["fsdp"], tmp_path / "fsdp.gguf", "f32")):
+        two = GGUFReader(path)
+        assert {k: f.contents() for k, f in two.fields.items()} == fields, path
+        assert [t.name for t in two.tensors] == [t.name for t in one.tensors]
+        for a, b in zip(one.tensors, two.tensors, strict=True):
+            torch.testing.assert_close(torch.from_numpy(b.data.copy()), torch.from_numpy(a.data.copy()), msg=a.name)
+
+
+def test_bad_global_batch_fails_once_without_hanging(runs):
+    proc = runs["bad_batch"]  # finished within finish()'s timeout: no rank hung
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: trainer.global_batch_size=6 must be a positive multiple of trainer.batch_size x world size = 2 x 2 = 4"
+    ], proc.stderr[-3000:]
+    assert not runs["bad_dir"].exists()  # nothing left behind
+
+
+# --- without processes ------------------------------------------------------------------------------
+def test_ranks_read_disjoint_shards_of_the_global_batch():
+    one = iter(GlobalBatchSampler(40, 8, seed=5))
+    ranks = [iter(GlobalBatchSampler(40, 8, accumulation=2, rank=r, world_size=2, seed=5)) for r in range(2)]
+    for _ in range(6):
+        micro = [next(it) + next(it) for it in ranks]  # a rank's two micro-batches of one step
+        assert not set(micro[0]) & set(micro[1])
+        assert sorted(micro[0] + micro[1]) == sorted(next(one))
+
+
+def test_parallel_modes():
+    two = DistInfo(rank=0, local_rank=0, world_size=2)
+    assert resolve_parallel("auto", two) == "ddp"
+    assert resolve_parallel("fsdp", two) == "fsdp"
+    assert resolve_parallel("fsdp", DistInfo()) == "none"  # one process: nothing to wrap
+    with pytest.raises(UserError, match="separate models"):
+        resolve_parallel("none", two)
+    with pytest.raises(UserError, match="trainer.parallel='zero3'"):
+        resolve_parallel("zero3", two)
+
+
+def test_launch_overrides(monkeypatch):
+    for key in ("ABI_RUN_STAMP", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launch_overrides(["recipe=llm"]) == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    # Outside torchrun there is no store to agree on a timestamp through: ask for an explicit run dir.
+    with pytest.raises(UserError, match="hydra.run.dir"):
+        launch_overrides(["recipe=llm"])
+    assert launch_overrides(["hydra.run.dir=/x"]) == ["hydra.output_subdir=null", "hydra/job_logging=none"]
+    monkeypatch.setenv("RANK", "0")
+    assert launch_overrides(["hydra.run.dir=/x"]) == []
+
+
+def test_write_state_dict_is_byte_identical_to_save_model(tmp_path):
+    torch.manual_seed(0)
+    model = build_model({"arch": "gpt", "vocab_size": 64, "n_layer": 1, "d_model": 32, "n_head": 2})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ckpt.write_weights(tmp_path / "a", model)
+    state = model.state_dict()
+    assert state["lm_head.weight"] is not state["tok_embd.weight"]  # state_dict() detaches: re-tie as FSDP's path does
+    state["lm_head.weight"] = state["tok_embd.weight"]
+    ckpt.write_state_dict(tmp_path / "b", state)
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+
+
+def test_fsdp_refuses_scalar_parameters_clearly():
+    cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "clip-tiny.yaml"))
+    model = build_model({**cfg, "vocab_size": 64, "eot_id": 63})
+    with pytest.raises(UserError, match="logit_scale.*trainer.parallel=ddp"):
+        shard_model(model, "fp32", torch.device("cpu"))
+
+
+# --- CLIP: DDP + gather-with-grad == one process on the concatenated batch ------------------------
+def _clip_model() -> torch.nn.Module:
+    cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "clip-tiny.yaml"))
+    torch.manual_seed(0)
+    return build_model({**cfg, "vocab_size": 64, "eot_id": 63})
+
+
+def _clip_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 64, (8, 32), generator=gen)
+
+
+def _clip_grads(call: torch.nn.Module, model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Loss and parameter gradients of one step; ``call`` is ``model`` or its DDP wrapper."""
+    img, txt, scale, _ = call(images, tokens)
+    loss = clip_loss(img, txt, scale)
+    loss.backward()
+    return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def _clip_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _clip_model()
+        ddp = wrap_model(model, OmegaConf.create({"parallel": "ddp"}), DistInfo(rank, rank, world), torch.device("cpu"))
+        images, tokens = _clip_batch()
+        local = slice(rank * 4, (rank + 1) * 4)
+        torch.save(_clip_grads(ddp, model, images[local], tokens[local]), f"{out}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clip_ddp_two_processes_equal_one_batch_of_twice_the_size(tmp_path):
+    mp.spawn(_clip_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model = _clip_model()
+    want = _clip_grads(model, model, *_clip_batch())
+    torch.testing.assert_close((ranks[0].pop("loss") + ranks[1].pop("loss")) / 2, want.pop("loss"))
+    assert ranks[0].keys() == want.keys()
+    for name in want:  # DDP already averaged the gradients: every rank holds the big batch's
+        torch.testing.assert_close(ranks[0][name], want[name], msg=name)
+        torch.testing.assert_close(ranks[1][name], want[name], msg=name)
