@@ -44,7 +44,7 @@ from abi_train.utils import pick_device, rng_state, seed_everything, set_rng_sta
 class StepOutput:
     loss: torch.Tensor  # mean loss of the step (device tensor, not synced)
     grad_norm: torch.Tensor  # global grad norm before clipping
-    finite: bool  # False: the update was skipped
+    finite: bool | torch.Tensor  # False: the update was skipped (a device bool when decided on the GPU)
     logs: dict[str, torch.Tensor]  # the task's extra tensors from the last micro-batch
     items: int  # tokens / images / pairs processed
 
@@ -135,6 +135,15 @@ class Trainer:
             self._load_train_state(self.resume_from)
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.max_norm = cfg.trainer.grad_clip if cfg.trainer.grad_clip else math.inf
+        # Fused AdamW can skip a non-finite step on the GPU (found_inf), so the hot loop needs no host sync;
+        # fp16 (the GradScaler decides) and FSDP's sharded DTensor parameters keep the synced path.
+        self.skip_on_device = (
+            bool(self.optimizer.defaults.get("fused"))
+            and cfg.trainer.precision != "fp16"
+            and not hasattr(self.params[0], "full_tensor")
+        )
+        self._unsettled: list[tuple[int, bool | torch.Tensor]] = []  # (step, finite) not yet counted
+        self.skipped_steps: list[int] = []  # counted skips not yet reported by fit
         if cfg.trainer.compile:
             self.model = torch.compile(self.model)
         sampler = GlobalBatchSampler(
@@ -236,30 +245,51 @@ class Trainer:
         step_loss = all_reduce_mean(step_loss)  # the loss of the global batch, as one process would see it
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(self.params, self.max_norm)
-        # The one host sync per step: a non-finite loss or gradient must skip the update.
+        # A non-finite loss or gradient skips the update.
         # (fp16 gradient overflow is the GradScaler's normal business, not a divergence.)
         finite = torch.isfinite(step_loss)
         if tc.precision != "fp16":
             finite = finite & torch.isfinite(grad_norm)
-        finite = bool(finite)
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.nonfinite_streak = 0
+        if self.skip_on_device:
+            # Fused AdamW leaves weights, moments and its step count alone where found_inf is 1 (the
+            # GradScaler's mechanism): no host sync; the flags are counted when fit next syncs.
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            self._unsettled.append((self.step + 1, finite))
         else:
-            self.nonfinite_total += 1
-            self.nonfinite_streak += 1
-            if self.nonfinite_streak >= tc.max_nonfinite_steps:
-                raise UserError(
-                    f"training stopped: {self.nonfinite_streak} steps in a row with a non-finite loss or "
-                    f"gradient (last at step {self.step + 1}); lower optim.lr, raise optim.warmup_steps or "
-                    "check trainer.precision"
-                )
+            finite = bool(finite)  # the host sync
+            if finite:
+                self.scaler.step(self.optimizer)
+            self._unsettled.append((self.step + 1, finite))
+            self.settle_nonfinite()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         task.after_optimizer_step(self.raw_model)
         self.step += 1
         return StepOutput(step_loss, grad_norm, finite, logs, items)
+
+    def settle_nonfinite(self) -> None:
+        """Count the steps skipped since the last call (one host sync for device flags) into
+        nonfinite_total/streak and skipped_steps; stop after trainer.max_nonfinite_steps in a row."""
+        if not self._unsettled:
+            return
+        steps = [step for step, _ in self._unsettled]
+        flags = torch.stack([torch.as_tensor(f) for _, f in self._unsettled]).tolist()
+        self._unsettled = []
+        for step, finite in zip(steps, flags, strict=True):
+            if finite:
+                self.nonfinite_streak = 0
+                continue
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+            self.skipped_steps.append(step)
+            if self.nonfinite_streak >= self.cfg.trainer.max_nonfinite_steps:
+                raise UserError(
+                    f"training stopped: {self.nonfinite_streak} steps in a row with a non-finite loss or "
+                    f"gradient (last at step {step}); lower optim.lr, raise optim.warmup_steps or "
+                    "check trainer.precision"
+                )
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -285,26 +315,31 @@ class Trainer:
             )
 
         loss_sum = torch.zeros((), device=self.device)
-        steps_since_log, items_since_log = 0, 0
+        steps_since_log = torch.zeros((), device=self.device)  # steps whose update was applied
+        items_since_log = 0
         t_last = time.perf_counter()
         self.model.train()
         end = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
         while self.step < end:
             out = self.train_step(self.batches)
             items_since_log += out.items
-            if out.finite:
-                loss_sum += out.loss
-                steps_since_log += 1
-            else:
-                progress.message(f"step {self.step}: non-finite loss or gradient, update skipped")
+            finite = torch.as_tensor(out.finite, device=self.device)
+            loss_sum += torch.where(finite, out.loss, 0.0)
+            steps_since_log += finite
             grad_norm, extra_logs = out.grad_norm, out.logs
 
             last = self.step == end
-            if tc.log_every and (self.step % tc.log_every == 0 or last):
+            logging = tc.log_every and (self.step % tc.log_every == 0 or last)
+            if logging or last or len(self._unsettled) >= 100:
+                self.settle_nonfinite()
+            for step in self.skipped_steps:
+                progress.message(f"step {step}: non-finite loss or gradient, update skipped")
+            self.skipped_steps.clear()
+            if logging:
                 elapsed = time.perf_counter() - t_last
                 rate = items_since_log / elapsed if elapsed > 0 else 0.0
                 values = {
-                    "train/loss": loss_sum.item() / max(1, steps_since_log),
+                    "train/loss": loss_sum.item() / max(1.0, steps_since_log.item()),
                     "lr": self.scheduler.get_last_lr()[0],
                     "train/grad_norm": grad_norm.item(),
                     f"train/{task.unit}_per_s": rate,
@@ -322,7 +357,8 @@ class Trainer:
                 progress.update(self.step, values["train/loss"], rate)
                 summary.update(values)
                 loss_sum.zero_()
-                steps_since_log, items_since_log = 0, 0
+                steps_since_log.zero_()
+                items_since_log = 0
                 t_last = time.perf_counter()
             else:
                 progress.update(self.step)
@@ -341,6 +377,7 @@ class Trainer:
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             stopping_early = last and end < tc.max_steps  # always leave a checkpoint to resume from
             if (tc.ckpt_every and (self.step % tc.ckpt_every == 0 or last)) or stopping_early:
+                self.settle_nonfinite()  # the saved counts must be current
                 self.save_checkpoint()
                 t_last = time.perf_counter()
 

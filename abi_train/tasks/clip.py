@@ -1,0 +1,244 @@
+"""CLIP: contrastive image-text pretraining (InfoNCE or SigLIP) with zero-shot and retrieval evaluation.
+
+Data is ``data=captions`` (generated scenes, offline) or ``data=pairs`` (CSV / JSON lines / HF datasets).
+The tokenizer comes from the checkpoint on resume, else ``data.tokenizer``, else it is trained on the
+training captions. The loss is the top-level ``loss`` key (clip | siglip, set in recipes/clip.yaml);
+it is also a model option because SigLIP adds a learned bias.
+
+Accumulation is refused: the loss needs every negative of the step in one micro-batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw
+from torch import nn
+from torch.utils.data import DataLoader
+
+from abi_train.data.augment import EvalTransform, denormalize
+from abi_train.data.pairs import SOT, CaptionEncoder, PairDataset, collate_pairs, load_pairs
+from abi_train.data.sampler import GlobalBatchSampler
+from abi_train.data.synthetic_pairs import CLASS_NAMES, TEMPLATES, SyntheticPairs, SyntheticZeroShot, with_article
+from abi_train.data.tokenizer import EOS, Tokenizer
+from abi_train.errors import UserError
+from abi_train.losses import clip_loss, siglip_loss
+from abi_train.tasks.base import EvalResult, Task
+from abi_train.utils import unwrap
+
+LOSSES = ("clip", "siglip")
+SIM_PAIRS = 12  # pairs shown in the similarity-matrix image
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class CLIPTask(Task):
+    family: ClassVar[str] = "clip"
+    unit: ClassVar[str] = "pairs"
+    supports_accumulation: ClassVar[bool] = False
+
+    def setup(self, artifact_dir: Path | None) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        self.loss_name = cfg.get("loss", "clip")
+        if self.loss_name not in LOSSES:
+            raise UserError(f"loss={self.loss_name!r} is not known; valid: {', '.join(LOSSES)}")
+        if d.name not in ("captions", "pairs"):
+            raise UserError(f"data={d.name!r} is not caption data; use data=captions or data=pairs")
+        self.image_size = int(cfg.model.image_size)
+        self.mean, self.std = tuple(d.image_mean), tuple(d.image_std)
+        self.skipped = 0
+        if d.name == "captions":
+            seed = int(d.seed)
+            train = SyntheticPairs("train", self.image_size, int(d.num_train), seed, hold_out=bool(d.hold_out))
+            val = SyntheticPairs("val", self.image_size, int(d.num_val), seed)
+            self.zero_shot = SyntheticZeroShot(self.image_size, int(d.num_zero_shot), seed)
+            self.class_names, self.templates = list(CLASS_NAMES), list(TEMPLATES)
+            self.held_out = set(SyntheticZeroShot.held_out_classes) if d.hold_out else set()
+        else:
+            train, val, self.zero_shot = load_pairs(d)
+            self.class_names = self.zero_shot.class_names if self.zero_shot else []
+            self.templates, self.held_out = list(d.templates), set()
+
+        tokenizer_path = d.get("tokenizer")
+        if artifact_dir is not None and (Path(artifact_dir) / "tokenizer.json").is_file():
+            tokenizer_path = Path(artifact_dir) / "tokenizer.json"  # resume: the run's own tokenizer
+        if tokenizer_path:
+            self.tokenizer = Tokenizer.load(tokenizer_path)
+        else:
+            # Every rank trains the same tokenizer from the same captions (deterministic, no barrier).
+            self.tokenizer = Tokenizer.train(train.captions(), int(d.vocab_size), special_tokens=(EOS, SOT))
+        self.vocab_size = cfg.model.get("vocab_size") or self.tokenizer.vocab_size
+        if self.tokenizer.vocab_size > self.vocab_size:
+            raise UserError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size="
+                f"{self.vocab_size}; raise model.vocab_size or set it to null (the tokenizer's size)"
+            )
+        self.encoder = CaptionEncoder(self.tokenizer, int(cfg.model.context_length))
+        # No random augmentation: flips and crops would contradict captions such as "left of".
+        self.transform = EvalTransform(self.image_size, self.mean, self.std)
+        self.train_set = PairDataset(train, self.transform, self.encoder)
+        self.val_set = PairDataset(val, self.transform, self.encoder)
+
+    def model_config(self) -> dict[str, Any]:
+        config = OmegaConf.to_container(self.cfg.model, resolve=True)
+        assert isinstance(config, dict)
+        config.setdefault("arch", "clip")
+        if config["arch"] != "clip":
+            raise UserError(f"task clip needs a clip model (arch: clip), got model.arch={config['arch']!r}")
+        config.update(vocab_size=self.vocab_size, eot_id=self.encoder.eot_id, loss=self.loss_name)
+        return config
+
+    def num_train_items(self) -> int:
+        return len(self.train_set)
+
+    def train_loader(self, sampler: GlobalBatchSampler) -> Iterable[Any]:
+        workers = self.cfg.trainer.num_workers
+        return DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available() and str(self.cfg.trainer.device) != "cpu",
+            collate_fn=collate_pairs,
+        )
+
+    def _loss(
+        self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, **kw: Any
+    ) -> torch.Tensor:
+        # The similarity logits in fp32 even under autocast: bf16 would round logits near 100 by ~0.5.
+        with torch.autocast(img.device.type, enabled=False):
+            img, txt, scale = img.float(), txt.float(), scale.float()
+            if self.loss_name == "siglip":
+                return siglip_loss(img, txt, scale, bias.float(), **kw)
+            return clip_loss(img, txt, scale, **kw)
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.skipped += batch["skipped"]
+        img, txt, scale, bias = model(batch["images"], batch["tokens"])
+        logs = {"train/logit_scale": scale.detach()}
+        if bias is not None:
+            logs["train/logit_bias"] = bias.detach()
+        return self._loss(img, txt, scale, bias), logs
+
+    def items_in(self, batch: Any) -> int:
+        return batch["tokens"].shape[0]
+
+    def flops_per_item(self, model: nn.Module) -> float:
+        return unwrap(model).flops_per_pair()
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        unwrap(model).clamp_logit_scale()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
+        """val/loss (in batches of the global batch size, as in training) and retrieval recall@1/5/10 over
+        the whole val set; zero-shot top-1/top-5 over the zero-shot images. Every rank evaluates everything
+        on its own, so the loss runs without the cross-rank gather."""
+        raw = unwrap(model)
+        size = self.cfg.trainer.batch_size * self.dist.world_size  # CLIP never accumulates
+        imgs, txts, losses, val_skipped = [], [], [], 0
+        for start in range(0, len(self.val_set), size):
+            items = [self.val_set[i] for i in range(start, min(start + size, len(self.val_set)))]
+            batch = self.to_device(collate_pairs(items), device)
+            val_skipped += batch["skipped"]
+            img, txt, scale, bias = raw(batch["images"], batch["tokens"])
+            img, txt = img.float(), txt.float()
+            losses.append(self._loss(img, txt, scale, bias, gather=_identity, rank=0) * len(items))
+            imgs.append(img)
+            txts.append(txt)
+            if start == 0:
+                shown = items[:SIM_PAIRS]
+        img, txt = torch.cat(imgs), torch.cat(txts)
+        sim = img @ txt.T  # (images, captions); the match of row i is column i
+        scalars = {"val/loss": (torch.stack(losses).sum() / len(img)).item()}
+        scalars |= _recall(sim, "i2t") | _recall(sim.T, "t2i")
+        if self.zero_shot is not None:
+            scalars |= self._zero_shot(raw, device)
+        scalars["data/skipped_images"] = float(self.skipped)
+        if val_skipped:
+            scalars["data/skipped_val_images"] = float(val_skipped)
+        thumbs = denormalize(torch.stack([x["image"] for x in shown]), self.mean, self.std).permute(0, 2, 3, 1)
+        image = _similarity_image(sim[: len(shown), : len(shown)].cpu(), thumbs.numpy())
+        captions = "\n".join(f"{i}: {x['caption']}" for i, x in enumerate(shown))
+        return EvalResult(scalars, texts={"val/similarity_captions": captions}, images={"val/similarity": image})
+
+    def _zero_shot(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Class embeddings = renormalised mean over the prompt templates; top-1/top-5 over the images."""
+        size = self.cfg.trainer.batch_size
+        prompts = [t.format(with_article(name)) for name in self.class_names for t in self.templates]
+        tokens = torch.stack([self.encoder(p) for p in prompts])
+        emb = torch.cat(
+            [model.encode_text(tokens[i : i + size].to(device)).float() for i in range(0, len(tokens), size)]
+        )
+        class_emb = nn.functional.normalize(emb.view(len(self.class_names), len(self.templates), -1).mean(1), dim=-1)
+        items = [x for x in (self.zero_shot[i] for i in range(len(self.zero_shot))) if x is not None]
+        logits = []
+        for start in range(0, len(items), size):
+            images = torch.stack([self.transform(image) for image, _ in items[start : start + size]])
+            logits.append(model.encode_image(images.to(device)).float() @ class_emb.T)
+        labels = torch.tensor([label for _, label in items], device=device)
+        top = torch.cat(logits).topk(min(5, len(class_emb)), dim=1).indices
+        hit1 = top[:, 0] == labels
+        out = {
+            "val/zero_shot_top1": hit1.float().mean().item(),
+            "val/zero_shot_top5": (top == labels[:, None]).any(1).float().mean().item(),
+        }
+        held = torch.tensor([label in self.held_out for _, label in items], device=device)
+        if held.any():
+            out["val/zero_shot_top1_held_out"] = hit1[held].float().mean().item()
+        return out
+
+    def save_artifacts(self, directory: Path) -> None:
+        self.tokenizer.save(Path(directory) / "tokenizer.json")
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "context_length": self.encoder.context_length,
+            "tokenizer": {"bos_id": self.encoder.sot_id, "eos_id": self.encoder.eot_id, "pad_id": self.encoder.eot_id},
+            "eot_id": self.encoder.eot_id,
+            "loss": self.loss_name,
+            "class_names": self.class_names,
+            "templates": self.templates,
+        }
+
+    def close(self) -> None:
+        if self.skipped:
+            rank = f"rank {self.dist.rank}: " if self.dist.enabled else ""
+            print(
+                f"{rank}skipped {self.skipped} unreadable training images (each replaced by the next pair)",
+                file=sys.stderr,
+            )
+
+
+def _recall(sim: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Row i's match is column i; recall@k = fraction of rows whose match ranks in the top k."""
+    rank = (sim > sim.diagonal()[:, None]).sum(dim=1)
+    return {f"val/{prefix}_r@{k}": (rank < k).float().mean().item() for k in (1, 5, 10)}
+
+
+def _similarity_image(sim: torch.Tensor, thumbs: np.ndarray, cell: int = 32) -> np.ndarray:
+    """Rows: val images (thumbnail on the left); columns: their captions in the same order (listed in
+    the val/similarity_captions text). Brighter = more similar; a bright diagonal is a good model."""
+    n = sim.shape[0]
+    canvas = Image.new("RGB", ((n + 1) * cell, n * cell), (0, 0, 0))
+    lo, hi = float(sim.min()), float(sim.max())
+    level = ((sim - lo) / max(hi - lo, 1e-6)).numpy()
+    draw = ImageDraw.Draw(canvas)
+    for r in range(n):
+        canvas.paste(Image.fromarray(thumbs[r]).resize((cell, cell)), (0, r * cell))
+        for c in range(n):
+            v = level[r, c]
+            colour = (int(255 * v), int(200 * v**0.5), int(255 * (1 - v) * 0.6))  # dark blue -> yellow
+            draw.rectangle([(c + 1) * cell, r * cell, (c + 2) * cell - 1, (r + 1) * cell - 1], fill=colour)
+    return np.asarray(canvas)

@@ -1,0 +1,264 @@
+"""Image classification with a ViT: cross entropy (label smoothing, mixup/cutmix options), top-1/top-5.
+
+Data is ``data=shapes`` (generated on the fly, the offline default) or ``data=images`` (an image folder or
+a local Hugging Face dataset). Every training item's augmentation is seeded by its global draw position,
+so a resumed run sees the very same pixels as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from abi_train.checkpoint import load_meta
+from abi_train.data.augment import EvalTransform, TrainTransform, denormalize, mixup_cutmix
+from abi_train.data.images import collate_images, open_image_data, split_off
+from abi_train.data.sampler import GlobalBatchSampler
+from abi_train.data.synthetic import ShapesDataset
+from abi_train.errors import UserError
+from abi_train.tasks.base import EvalResult, Task
+from abi_train.utils import unwrap
+
+GRID_IMAGES = 16  # validation images shown with their predictions in TensorBoard
+
+
+def item_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed for the item drawn at global ``position`` of the run."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class Transformed(Dataset):
+    """Applies a transform to (uint8 image, label) items of ``base``; unreadable items stay None.
+
+    Training keys are (index, position) pairs: the transform's generator is seeded from the position.
+    """
+
+    def __init__(self, base: Dataset, transform: Any, seed: int = 0) -> None:
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | None:
+        index, position = key if isinstance(key, tuple) else (key, -1)
+        item = self.base[index]
+        if item is None:
+            return None
+        gen = torch.Generator().manual_seed(item_seed(self.seed, position)) if position >= 0 else None
+        return self.transform(item[0], gen), item[1], position
+
+
+class WithPositions:
+    """Batch sampler that pairs each index with its global draw position in GlobalBatchSampler's order
+    (step * global_batch + offset): a new augmentation every epoch, the same one after a resume and
+    on any world size."""
+
+    def __init__(self, sampler: GlobalBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        s = self.sampler
+        for k, indices in enumerate(s):
+            step, micro = divmod(k, s.accumulation)
+            first = (s.start_step + step) * s.global_batch + (micro * s.world_size + s.rank) * s.local_batch
+            yield [(index, first + j) for j, index in enumerate(indices)]
+
+
+class TrainCollate:
+    """Stack a training batch; with mixup/cutmix on, add soft ``targets`` (label smoothing folded in),
+    mixed with a generator seeded by the batch's first draw position."""
+
+    def __init__(self, num_classes: int, mixup: float, cutmix: float, label_smoothing: float, seed: int) -> None:
+        self.num_classes, self.mixup, self.cutmix = num_classes, mixup, cutmix
+        self.label_smoothing, self.seed = label_smoothing, seed
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        batch = collate_images(items)
+        if (self.mixup > 0 or self.cutmix > 0) and len(batch["labels"]):
+            first = next(x[2] for x in items if x is not None)
+            gen = torch.Generator().manual_seed(item_seed(self.seed + 1, first))
+            smooth = self.label_smoothing
+            targets = F.one_hot(batch["labels"], self.num_classes).float() * (1 - smooth) + smooth / self.num_classes
+            batch["images"], batch["targets"] = mixup_cutmix(batch["images"], targets, self.mixup, self.cutmix, gen)
+        return batch
+
+
+class ViTTask(Task):
+    family: ClassVar[str] = "vit"
+    unit: ClassVar[str] = "images"
+
+    def setup(self, artifact_dir: Path | None) -> None:
+        d, seed = self.cfg.data, int(self.cfg.trainer.seed)
+        arch = self.cfg.model.get("arch")
+        if arch != "vit":
+            raise UserError(f"task vit needs a ViT model (model.arch=vit), got arch {arch!r}; "
+                            "use model=vit-tiny, vit-s16 or vit-b16")
+        self.image_size = d.get("image_size") or self.cfg.model.get("image_size")
+        if not self.image_size:
+            raise UserError("no image size: set data.image_size or model.image_size")
+        if d.name == "shapes":
+            train: Dataset = ShapesDataset("train", self.image_size, int(d.num_train), int(d.seed))
+            val: Dataset = ShapesDataset("val", self.image_size, int(d.num_val), int(d.seed))
+            self.class_names = list(ShapesDataset.class_names)
+        elif d.name == "images":
+            data = open_image_data(d.path, d.image_field, d.label_field, d.get("val_path"))
+            train, val, self.class_names = data.train, data.val, data.class_names
+            if val is None:
+                train, val = split_off(train, float(d.val_fraction))  # fixed: the same val set for every seed
+        else:
+            raise UserError(f"data={d.name} is not an image dataset; use data=shapes or data=images")
+        if artifact_dir is not None:
+            stored = load_meta(artifact_dir)["metadata"].get("class_names")
+            if stored != self.class_names:
+                raise UserError(f"the classes of the data differ from those of checkpoint {artifact_dir}")
+
+        self.mean, self.std = tuple(d.mean), tuple(d.std)
+        a = d.augment
+        self.label_smoothing = float(a.label_smoothing)
+        crop_scale, crop_ratio = tuple(a.crop_scale), tuple(a.crop_ratio)
+        transform = TrainTransform(self.image_size, crop_scale, crop_ratio, a.hflip, self.mean, self.std)
+        self.train_set = Transformed(train, transform, seed)
+        self.val_set = Transformed(val, EvalTransform(self.image_size, self.mean, self.std))
+        self.collate = TrainCollate(len(self.class_names), a.mixup, a.cutmix, self.label_smoothing, seed)
+        self.skipped = 0  # unreadable training images since this process started
+        self.val_skipped = 0  # unreadable images in the last validation pass
+
+    def model_config(self) -> dict[str, Any]:
+        config = OmegaConf.to_container(self.cfg.model, resolve=True)
+        n = len(self.class_names)
+        if config.get("num_classes") is None:
+            config["num_classes"] = n
+        elif config["num_classes"] != n:
+            raise UserError(f"model.num_classes={config['num_classes']} but the data has {n} classes; "
+                            "set model.num_classes=null")
+        config["image_size"] = self.image_size
+        return config
+
+    def num_train_items(self) -> int:
+        return len(self.train_set)
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            num_workers=int(self.cfg.trainer.num_workers),
+            pin_memory=torch.cuda.is_available() and str(self.cfg.trainer.device) != "cpu",
+            # Own generator: creating the iterator must not draw from the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(int(self.cfg.trainer.seed)),
+            **kwargs,
+        )
+
+    def train_loader(self, sampler: GlobalBatchSampler) -> Iterable[Any]:
+        workers = int(self.cfg.trainer.num_workers) > 0
+        return self._loader(
+            self.train_set, batch_sampler=WithPositions(sampler), collate_fn=self.collate, persistent_workers=workers
+        )
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.skipped += batch["skipped"]
+        images, labels = batch["images"], batch["labels"]
+        if len(labels) == 0:  # every image of this micro-batch was unreadable: a zero loss, zero gradients
+            size = self.image_size
+            return model(images.new_zeros(1, 3, size, size)).sum() * 0.0, {}
+        logits = model(images).float()
+        if "targets" in batch:
+            return F.cross_entropy(logits, batch["targets"]), {}
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return loss, {"train/top1": (logits.argmax(-1) == labels).float().mean().detach()}
+
+    def items_in(self, batch: dict[str, Any]) -> int:
+        return len(batch["labels"])
+
+    def flops_per_item(self, model: nn.Module) -> float:
+        return unwrap(model).flops_per_image()
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
+        """Loss, top-1 and top-5 over the first eval_batches x batch_size val images (sharded by rank)."""
+        tc = self.cfg.trainer
+        n = min(len(self.val_set), int(tc.eval_batches) * int(tc.batch_size))
+        shard = Subset(self.val_set, range(self.dist.rank, n, self.dist.world_size))
+        loader = self._loader(shard, batch_size=int(tc.batch_size), collate_fn=collate_images)
+        # Sums of: loss, top-1 hits, top-5 hits, images, skipped val images, skipped train images.
+        stats = torch.zeros(6, dtype=torch.float64, device=device)
+        stats[5] = self.skipped
+        shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for batch in loader:
+            stats[4] += batch["skipped"]
+            if len(batch["labels"]) == 0:
+                continue
+            images, labels = batch["images"].to(device), batch["labels"].to(device)
+            logits = model(images).float()
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            stats[0] += F.cross_entropy(logits, labels, reduction="sum")
+            stats[1] += (top[:, 0] == labels).sum()
+            stats[2] += (top == labels[:, None]).any(-1).sum()
+            stats[3] += len(labels)
+            if sum(len(s[0]) for s in shown) < GRID_IMAGES:
+                shown.append((images[:GRID_IMAGES].cpu(), top[:GRID_IMAGES, 0].cpu(), labels[:GRID_IMAGES].cpu()))
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.all_reduce(stats)
+        loss, top1, top5, count, val_skipped, train_skipped = stats.tolist()
+        count = max(count, 1.0)
+        scalars = {
+            "val/loss": loss / count,
+            "val/top1": top1 / count,
+            "val/top5": top5 / count,
+            "data/skipped_images": train_skipped,
+        }
+        if val_skipped:
+            scalars["data/skipped_val_images"] = val_skipped
+        self.val_skipped = val_skipped
+        images = {}
+        if shown and self.dist.is_main:
+            grid_images, preds, labels = (torch.cat(parts)[:GRID_IMAGES] for parts in zip(*shown, strict=True))
+            images["val/predictions"] = prediction_grid(
+                denormalize(grid_images, self.mean, self.std), preds.tolist(), labels.tolist(), self.class_names
+            )
+        return EvalResult(scalars, images=images)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "class_names": self.class_names,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "image_size": self.image_size,
+        }
+
+    def close(self) -> None:
+        if self.skipped or self.val_skipped:
+            rank = f"rank {self.dist.rank}: " if self.dist.enabled else ""
+            print(
+                f"{rank}skipped unreadable images: {self.skipped} in training batches, "
+                f"{int(self.val_skipped)} in the last validation pass",
+                file=sys.stderr,
+            )
+
+
+def prediction_grid(images: torch.Tensor, preds: list[int], labels: list[int], class_names: list[str]) -> np.ndarray:
+    """(N, 3, H, W) uint8 images -> one HWC uint8 grid; each tile is captioned with the prediction
+    (green when right) and, when wrong, the true class (red)."""
+    tile, caption, cols = max(96, images.shape[-1]), 28, 4
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * tile, rows * (tile + caption)), (24, 24, 24))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=11)
+    for i, (image, pred, label) in enumerate(zip(images, preds, labels, strict=True)):
+        x, y = (i % cols) * tile, (i // cols) * (tile + caption)
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB")
+        grid.paste(pil.resize((tile, tile), Image.Resampling.NEAREST), (x, y))
+        right = pred == label
+        color = (90, 220, 90) if right else (240, 80, 80)
+        draw.text((x + 3, y + tile + 1), f"pred: {class_names[pred]}", fill=color, font=font)
+        if not right:
+            draw.text((x + 3, y + tile + 14), f"true: {class_names[label]}", fill=(230, 230, 230), font=font)
+    return np.asarray(grid)

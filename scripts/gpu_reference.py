@@ -1,0 +1,144 @@
+"""The reference training steps that abi_train's bench is compared against, timed the same way.
+
+    python scripts/gpu_reference.py nanogpt --batch 32 [--bias] [--eager] [--sync]
+    python scripts/gpu_reference.py timm-vit --batch 256
+    python scripts/gpu_reference.py open-clip --batch 512
+
+Each builds the reference model on the GPU, one synthetic batch, bf16 autocast, fused AdamW, grad clip 1.0,
+torch.compile (unless --eager), and prints one JSON line with the fields of ``python -m abi_train.bench``
+(abi_train.bench.time_steps/report do the timing). nanoGPT's model.py is not vendored: put a copy of
+karpathy/nanoGPT's model.py at .ref/nanogpt_model.py (git-ignored). timm and open_clip are imported.
+--sync adds one host sync per step (reading a finiteness flag), to price the trainer's per-step sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from abi_train.bench import report, time_steps, write_profile
+
+
+def nanogpt(batch: int, seq: int, device: torch.device, bias: bool = False):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / ".ref"))
+    from nanogpt_model import GPT, GPTConfig
+
+    cfg = GPTConfig(block_size=seq, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=bias)
+    model = GPT(cfg).to(device)
+    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device)
+    data = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())  # nanoGPT's get_batch stacks rows
+    # nanoGPT's estimate_mfu: 6N + 12 L d T, N = parameters without the position table (lm_head = wte counted)
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    flops = 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq
+    loss_fn = lambda m, b: m(*b)[1]
+    return model, opt, data, loss_fn, "tokens", batch * seq, flops, {"seq_len": seq, "bias": bias}
+
+
+def timm_vit(batch: int, size: int, device: torch.device):
+    import timm
+
+    model = timm.create_model("vit_base_patch16_224", num_classes=1000, img_size=size).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randn(batch, 3, size, size, generator=gen).to(device), torch.randint(0, 1000, (batch,)).to(device))
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    flops = vit_flops(model, size, 16, 12, 768)
+    return model, opt, data, loss_fn, "images", batch, flops, {"image_size": size}
+
+
+def open_clip_b32(batch: int, size: int, device: torch.device):
+    import open_clip
+
+    model = open_clip.create_model("ViT-B-32").to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2, fused=True)
+    clip_loss = open_clip.ClipLoss()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    text = torch.randint(1, 49407, (batch, 77), generator=gen).to(device)
+
+    def loss_fn(m, b):
+        out = m(*b)
+        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    v, t = model.visual, model.transformer
+    text_flops = 6 * sum(p.numel() for p in t.parameters()) * 77 + 12 * t.layers * t.width * 77 * 77
+    flops = vit_flops(v, size, 32, 12, 768) + text_flops
+    return model, opt, (images, text), loss_fn, "pairs", batch, flops, {"image_size": size, "context": 77}
+
+
+def vit_flops(vit: torch.nn.Module, size: int, patch: int, layers: int, width: int) -> float:
+    """Training FLOPs per image: 6 x (matmul weights, position/class tables excluded) x tokens + attention."""
+    tokens = (size // patch) ** 2 + 1
+    tables = ("pos", "cls", "class")
+    n = sum(p.numel() for name, p in vit.named_parameters() if p.ndim >= 2 and not any(t in name for t in tables))
+    return 6 * n * tokens + 12 * layers * width * tokens * tokens
+
+
+WORKLOADS = {"nanogpt": (nanogpt, 1024), "timm-vit": (timm_vit, 224), "open-clip": (open_clip_b32, 224)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--size", type=int, help="sequence length or image size (default: the workload's)")
+    ap.add_argument("--eager", action="store_true", help="no torch.compile")
+    ap.add_argument("--bias", action="store_true", help="nanogpt: biases in Linears and LayerNorms, as GPT-2 has")
+    ap.add_argument("--sync", action="store_true", help="one host sync per step")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a quick check of this script")
+    ap.add_argument("--profile", metavar="FILE", help="after timing, write a kernel table of 3 steps to FILE")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    args = ap.parse_args()
+    build, default_size = WORKLOADS[args.workload]
+    device = torch.device(args.device)
+    torch.manual_seed(1337)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    extra = {"bias": True} if args.bias else {}
+    model, opt, data, loss_fn, unit, items, flops, sizes = build(args.batch, args.size or default_size, device, **extra)
+    model.train()
+    run = model if args.eager else torch.compile(model)
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn(run, data)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if args.sync:
+            bool(torch.isfinite(norm))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    timing = time_steps(step, args.steps, args.warmup, device)
+    if args.profile:
+        write_profile(step, args.profile, device)
+    losses = [round(float(x), 4) for x in timing["outputs"]]
+    record = report(
+        device,
+        unit,
+        items,
+        flops,
+        timing,
+        reference=args.workload,
+        batch=args.batch,
+        **sizes,
+        precision="bf16",
+        compile=not args.eager,
+        sync=args.sync,
+        loss_first=losses[0],
+        loss_last=losses[-1],
+    )
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The benchmark command on a tiny model (CPU), and the trainer's sync-free non-finite skip that the GPU uses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_LLM, compose_cfg, run_abi
+
+from abi_train import bench
+from abi_train import trainer as trainer_module
+from abi_train.distributed import DistInfo
+from abi_train.errors import UserError
+from abi_train.optim import build_optimizer
+from abi_train.tasks import task_class
+from abi_train.trainer import Trainer
+
+TINY_BENCH = ["recipe=llm", "model=tiny", "data.seq_len=32", "data.vocab_size=512", "trainer.batch_size=2"]
+
+
+def test_bench_prints_one_json_record(tmp_path, cache_dir):
+    args = [*TINY_BENCH, f"data.cache_dir={cache_dir}", "trainer.device=cpu", "bench.steps=3", "bench.warmup=1"]
+    result = run_abi(args, module="abi_train.bench", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["recipe"] == "llm" and record["model"] == "tiny" and record["card"] == "cpu"
+    assert record["batch"] == 2 and record["seq_len"] == 32 and record["shapes"] == [[2, 32], [2, 32]]
+    assert record["tokens_per_s"] > 0 and record["step_ms"] > 0 and record["steps"] == 3
+    assert record["mfu"] is None and record["peak_memory_gb"] is None  # no GPU: no peak FLOPs, no CUDA memory
+    assert len(record["losses"]) == 3 and all(0 < x < 20 for x in record["losses"])
+    assert not list(tmp_path.iterdir())  # no run dir, no outputs folder
+
+
+def test_bench_option_errors():
+    with pytest.raises(UserError, match="unknown bench option"):
+        bench.split_overrides(["bench.stepz=3"])
+    with pytest.raises(UserError, match="expected a int"):
+        bench.split_overrides(["bench.steps=many"])
+    with pytest.raises(UserError, match="bench.sdpa"):
+        bench.split_overrides(["bench.sdpa=fa9"])
+    overrides, options = bench.split_overrides(["model=tiny", "bench.steps=5"])
+    assert overrides == ["model=tiny"] and options["steps"] == 5 and options["warmup"] == 10
+
+
+def test_synthetic_batch_matches_the_loader(cache_dir):
+    cfg = compose_cfg([*TINY_BENCH, f"data.cache_dir={cache_dir}"])
+    task = task_class("llm")(cfg, DistInfo())
+    task.setup(None)
+    x, y = task.synthetic_batch(3)
+    assert x.shape == y.shape == (3, 32) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # next-token pairs of one window
+    assert int(x.max()) < task.vocab_size
+
+
+def test_device_side_skip_without_host_sync(tmp_path, cache_dir, monkeypatch):
+    """GPUs skip a non-finite update inside fused AdamW (found_inf) and count it later; fused AdamW runs on
+    CPUs too, so the same path is checked here: same skips, same stop, no NaN in the weights."""
+    monkeypatch.setattr(trainer_module, "build_optimizer", lambda m, c, d: fused(build_optimizer(m, c, d)))
+    cfg = compose_cfg(
+        [
+            *TINY_LLM,
+            f"data.cache_dir={cache_dir}",
+            "trainer.max_steps=8",
+            "trainer.max_nonfinite_steps=3",
+            "trainer.log_every=4",
+        ]
+    )
+    task = task_class("llm")(cfg, DistInfo())
+    real_loss, calls = task.loss, {"n": 0}
+
+    def nan_at_2_and_from_4(model, batch):
+        calls["n"] += 1
+        loss, logs = real_loss(model, batch)
+        return (loss * float("nan") if calls["n"] == 2 or calls["n"] >= 4 else loss), logs
+
+    monkeypatch.setattr(task, "loss", nan_at_2_and_from_4)
+    trainer = Trainer(cfg, task, tmp_path / "run", DistInfo())
+    with pytest.raises(UserError, match=r"3 steps in a row with a non-finite loss or gradient \(last at step 6\)"):
+        trainer.fit()
+    assert trainer.skip_on_device
+    assert trainer.nonfinite_total == 4  # step 2, then 4, 5, 6
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+    # The stop comes at the log step 8 (the next host sync); of the 8 steps only 1 and 3 were applied, and a
+    # skipped step leaves AdamW's step count alone.
+    assert trainer.step == 8
+    assert {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {2}
+
+
+def fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    d = optimizer.defaults
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], fused=True)

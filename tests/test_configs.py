@@ -1,0 +1,143 @@
+"""Every shipped config composes and runs one training step (and one evaluation).
+
+The config tree is walked from disk, so a new option file is covered without touching this test.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import compose_cfg
+from PIL import Image
+
+from abi_train.cli import config_dir
+from abi_train.distributed import DistInfo
+from abi_train.tasks import task_class
+from abi_train.trainer import Trainer
+
+CONFIGS = config_dir()
+RECIPE_OF_ARCH = {"gpt": "llm", "vit": "vit", "clip": "clip"}
+RECIPE_OF_DATA = {"text": "llm", "shards": "llm", "shapes": "vit", "images": "vit", "captions": "clip", "pairs": "clip"}
+# One small step per recipe: the shipped sizes stay as they are (that is what is being checked),
+# only batch, data and cadence shrink.
+FAST = ["trainer.max_steps=1", "trainer.batch_size=2", "trainer.eval_every=1", "trainer.eval_batches=1",
+        "trainer.ckpt_every=1", "trainer.log_every=1", "trainer.num_workers=0", "trainer.progress=false"]
+FAST_DATA = {
+    "llm": ["data.seq_len=16"],
+    "vit": [],
+    "clip": [],
+}
+FAST_DATA_OPTION = {
+    "text": ["data.vocab_size=300"],
+    "shards": [],
+    "shapes": ["data.num_train=8", "data.num_val=4"],
+    "images": [],
+    "captions": ["data.num_train=8", "data.num_val=4", "data.num_zero_shot=4"],
+    "pairs": ["data.val_size=2"],
+}
+DEFAULT_DATA = {"llm": "text", "vit": "shapes", "clip": "captions"}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def groups() -> list[str]:
+    return sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
+
+
+def test_every_group_is_walked():
+    assert {"model", "optim", "data", "trainer", "logger", "export", "recipe"} <= set(groups())
+    assert set(options("recipe")) == {"llm", "vit", "clip"}
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, list[str]]:
+    """Small real-data inputs for the data options that need files."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    for cls in ("cat", "dog"):
+        (images / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / cls / f"{i}.png")
+    with open(root / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for i, path in enumerate(sorted(images.rglob("*.png"))):
+            w.writerow([str(path.relative_to(root)), f"a photo of a {path.parent.name} number {i}"])
+    corpus = root / "corpus.txt"
+    corpus.write_text(" ".join(f"word{i % 97} and more text {i}." for i in range(3000)))
+    cfg = compose_cfg(["recipe=llm", "data.vocab_size=300", f"data.files={corpus}", f"data.cache_dir={root / 'c'}"])
+    from abi_train.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([corpus.read_text()], vocab_size=cfg.data.vocab_size)
+    tok.save(root / "tok.json")
+    import subprocess
+    import sys
+
+    shards = root / "shards"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_token_shards.py"
+    proc = subprocess.run([sys.executable, str(script), "--input", str(corpus), "--tokenizer", str(root / "tok.json"),
+                           "--out", str(shards)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return {
+        "text": [f"data.files={corpus}", f"data.cache_dir={root / 'c'}"],
+        "shards": [f"data.path={shards}"],
+        "images": [f"data.path={images}", "data.val_fraction=0.25"],
+        "pairs": [f"data.path={root / 'pairs.csv'}"],
+    }
+
+
+def run_one_step(tmp_path: Path, overrides: list[str]) -> dict[str, float]:
+    cfg = compose_cfg(overrides)
+    task = task_class(cfg.task)(cfg, DistInfo())
+    summary = Trainer(cfg, task, tmp_path / "run", DistInfo()).fit()
+    assert math.isfinite(summary["train/loss"])
+    if cfg.trainer.ckpt_every:
+        assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+    return summary
+
+
+def recipe_overrides(recipe: str, data: str, data_files: dict) -> list[str]:
+    return [f"recipe={recipe}", f"data={data}", *FAST, *FAST_DATA[recipe], *FAST_DATA_OPTION[data],
+            *data_files.get(data, [])]
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_option_runs_a_step(tmp_path, data_files, model):
+    arch = yaml.safe_load((CONFIGS / "model" / f"{model}.yaml").read_text())["arch"]
+    recipe = RECIPE_OF_ARCH[arch]
+    # The shipped sizes as they are; evaluation and checkpoints are covered by the other tests (at full
+    # size they only cost minutes of CPU).
+    run_one_step(tmp_path, [*recipe_overrides(recipe, DEFAULT_DATA[recipe], data_files), f"model={model}",
+                            "trainer.eval_every=0", "trainer.ckpt_every=0"])
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_data_option_runs_a_step(tmp_path, data_files, data):
+    recipe = RECIPE_OF_DATA[data]
+    run_one_step(tmp_path, recipe_overrides(recipe, data, data_files))
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [(g, o) for g in groups() if g not in ("model", "data", "recipe") for o in options(g)],
+)
+def test_other_options_run_a_step(tmp_path, data_files, group, option):
+    run_one_step(tmp_path, [*recipe_overrides("llm", "text", data_files), "model=tiny", f"{group}={option}"])
+
+
+@pytest.mark.parametrize("recipe", options("recipe"))
+def test_recipe_defaults_compose_and_step(tmp_path, data_files, recipe):
+    """Each recipe as shipped (its own model and data), shrunk only in steps/batch/data size."""
+    cfg = compose_cfg([f"recipe={recipe}"])
+    assert cfg.task == recipe
+    data = cfg.data.name
+    run_one_step(tmp_path, [f"recipe={recipe}", *FAST, *FAST_DATA[recipe], *FAST_DATA_OPTION[data],
+                            *data_files.get(data, [])])
