@@ -10,6 +10,7 @@ from conftest import TINY_LLM, compose_cfg, run_abi
 
 from abi_train import bench
 from abi_train import trainer as trainer_module
+from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
 from abi_train.optim import build_optimizer
@@ -45,14 +46,31 @@ def test_bench_option_errors():
     assert overrides == ["model=tiny"] and options["steps"] == 5 and options["warmup"] == 10
 
 
-def test_synthetic_batch_matches_the_loader(cache_dir):
-    cfg = compose_cfg([*TINY_BENCH, f"data.cache_dir={cache_dir}"])
-    task = task_class("llm")(cfg, DistInfo())
+# Each recipe's tiny debug size, with a small data set where the default one is large.
+RECIPES = {
+    "llm": ["model=tiny", "data.seq_len=32", "data.vocab_size=512"],  # + data.cache_dir: the session cache
+    "clip": ["model=clip-tiny", "data.num_train=64", "data.num_val=16", "data.num_zero_shot=16"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_synthetic_batch_matches_the_loader(recipe, cache_dir):
+    """The bench's batch has the structure, shapes and dtypes of a real micro-batch of the recipe."""
+    cache = [f"data.cache_dir={cache_dir}"] if recipe == "llm" else []
+    cfg = compose_cfg([f"recipe={recipe}", *RECIPES[recipe], "trainer.batch_size=3", *cache])
+    task = task_class(cfg.task)(cfg, DistInfo())
     task.setup(None)
-    x, y = task.synthetic_batch(3)
-    assert x.shape == y.shape == (3, 32) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])  # next-token pairs of one window
-    assert int(x.max()) < task.vocab_size
+    real = next(iter(task.train_loader(GlobalBatchSampler(task.num_train_items(), 3))))
+    fake = task.synthetic_batch(3)
+    assert type(fake) is type(real)
+    if isinstance(real, dict):
+        assert fake.keys() == real.keys()
+    real_t, fake_t = bench.tensors(real), bench.tensors(fake)
+    assert [(t.shape, t.dtype) for t in fake_t] == [(t.shape, t.dtype) for t in real_t]
+    assert task.items_in(fake) == task.items_in(real)
+    if recipe == "llm":
+        x, y = fake
+        assert torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) < task.vocab_size  # next-token pairs
 
 
 def test_device_side_skip_without_host_sync(tmp_path, cache_dir, monkeypatch):

@@ -27,7 +27,7 @@ TINY_VIT = [
     "trainer.eval_every=0",
     "trainer.eval_batches=2",
     "trainer.ckpt_every=0",
-    "trainer.num_workers=0",
+    "trainer.num_workers=1",  # a worker process: in the main one, 2 intra-op threads slow tiny image ops
     "trainer.progress=false",
     "optim.warmup_steps=2",
 ]
@@ -119,8 +119,9 @@ def test_image_folder_with_a_corrupt_file_counts_it(tmp_path):
     rng = np.random.default_rng(0)
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+        for i in range(6):  # mixed sizes and modes (RGB, grayscale, RGBA): all become 32x32 RGB
+            image = Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8))
+            image.convert(("RGB", "L", "RGBA")[i % 3]).save(tmp_path / name / f"{i}.png")
     (tmp_path / "b" / "zz_broken.jpg").write_bytes(b"broken")
     images = ["data=images", f"data.path={tmp_path}", "data.val_fraction=0.2"]
     task = make_task(["trainer.batch_size=19"], data=images)

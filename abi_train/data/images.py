@@ -124,13 +124,17 @@ class HFImageDataset(Dataset):
         labels = ds[label_field]
         feature = ds.features[label_field]
         if isinstance(feature, datasets.ClassLabel):  # ids -> names, so a val split maps by name
+            if labels and min(labels) < 0:
+                raise UserError(f"{where} has rows without a label (-1) in data.label_field={label_field!r}")
             labels = [feature.names[v] for v in labels]
         if class_names is None:
             if isinstance(feature, datasets.ClassLabel):
                 class_names = list(feature.names)
-            elif labels and all(isinstance(v, str) for v in labels):
+            elif not labels:
+                class_names = []
+            elif all(isinstance(v, str) for v in labels):
                 class_names = sorted(set(labels))
-            elif labels and all(isinstance(v, int) for v in labels):
+            elif all(isinstance(v, int) for v in labels):
                 class_names = [str(i) for i in range(max(labels) + 1)]
             else:
                 raise UserError(f"data.label_field={label_field!r} of {where} must hold class ids or class names")
@@ -200,12 +204,12 @@ def _pick_splits(splits: dict[str, Any], where: Path) -> tuple[Any, Any | None]:
 
 
 def _open(
-    path: str | Path, image_field: str, label_field: str, class_names: list[str] | None = None
+    key: str, path: str | Path, image_field: str, label_field: str, class_names: list[str] | None = None
 ) -> tuple[ImageFolder | HFImageDataset, ImageFolder | HFImageDataset | None]:
     """(train, val or None) of one location; ``class_names`` fixes the label ids (for a separate val set)."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise UserError(f"data path {path} does not exist")
+        raise UserError(f"{key}={path} does not exist")
     saved = (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
     if root.is_dir() and not saved and _is_class_tree(root):
         splits = {p.name: p for p in root.iterdir() if p.is_dir() and p.name in TRAIN_SPLITS + VAL_SPLITS}
@@ -230,11 +234,11 @@ def open_image_data(
     """Training images and class names, plus validation images from ``val_path`` or a val split of ``path``."""
     if not path:
         raise UserError("data.path is not set; give an image folder, a save_to_disk folder or parquet file(s)")
-    train, val = _open(path, image_field, label_field)
+    train, val = _open("data.path", path, image_field, label_field)
     if not train.class_names:
         raise UserError(f"data.path={path} has no classes (no class folders or no labels)")
     if val_path:
-        val = _open(val_path, image_field, label_field, train.class_names)[0]
+        val = _open("data.val_path", val_path, image_field, label_field, train.class_names)[0]
     require_readable(train, f"data.path={path}")
     if val is not None:
         require_readable(val, f"validation images of {val_path or path}")

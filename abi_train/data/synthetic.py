@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from abi_train.data.images import to_tensor
 from abi_train.errors import UserError
 
 # Silhouettes that stay distinct after a small rotation, a flip and downscaling to ~10 px.
@@ -180,8 +181,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], index])
         label = index % len(SHAPES)
         s = self.image_size
-        # Dark backgrounds: every colour is brighter than its surroundings, which a linear patch
-        # embedding picks up at once (on backgrounds of any brightness the tiny ViT learns ~3x slower).
+        # Dark backgrounds: every colour is brighter than its surroundings, which a linear patch embedding
+        # picks up at once. (On backgrounds of any brightness vit-tiny reached 28% val top-1 after 77k
+        # images instead of 71%.)
         image = random_background(rng, s, brightness=(15, 80))
         size = rng.uniform(0.35, 0.75) * s
         cx, cy = rng.uniform(size / 2, s - size / 2, 2)
@@ -192,4 +194,4 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.draw(index)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), label
+        return to_tensor(image), label

@@ -131,6 +131,14 @@ class CLIPTask(Task):
     def items_in(self, batch: Any) -> int:
         return batch["tokens"].shape[0]
 
+    def synthetic_batch(self, batch_size: int) -> Any:
+        gen = torch.Generator().manual_seed(0)
+        size, context = self.image_size, self.encoder.context_length
+        tokens = torch.randint(0, self.vocab_size, (batch_size, context), generator=gen)
+        tokens[:, -1] = self.encoder.eot_id  # full-length captions: the text tower pools at the last position
+        images = torch.randn(batch_size, 3, size, size, generator=gen)
+        return {"images": images, "tokens": tokens, "skipped": 0}
+
     def flops_per_item(self, model: nn.Module) -> float:
         return unwrap(model).flops_per_pair()
 
