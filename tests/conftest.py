@@ -37,8 +37,9 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("abi_cache")
 
 
-def run_abi(args: list[str], module: str = "abi_train", cwd: Path | None = None, env: dict | None = None,
-            timeout: int = 300) -> subprocess.CompletedProcess:
+def run_abi(
+    args: list[str], module: str = "abi_train", cwd: Path | None = None, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run ``python -m <module> args`` in a subprocess (never raises on a non-zero exit)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("WORLD_SIZE", None)

@@ -25,8 +25,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 
 def test_train_run_dir_layout_and_generate(tmp_path, cache_dir):
     run = tmp_path / "run"
-    proc = run_abi([*TINY_LLM, f"data.cache_dir={cache_dir}", "trainer.eval_every=2", "trainer.ckpt_every=2",
-                    f"hydra.run.dir={run}"], cwd=tmp_path)
+    proc = run_abi(
+        [
+            *TINY_LLM,
+            f"data.cache_dir={cache_dir}",
+            "trainer.eval_every=2",
+            "trainer.ckpt_every=2",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert {"config.yaml", "checkpoints", "tensorboard", "metrics.jsonl", "tokenizer.json"} <= {
         p.name for p in run.iterdir()
@@ -35,8 +43,9 @@ def test_train_run_dir_layout_and_generate(tmp_path, cache_dir):
     assert sorted(losses(run)) == [1, 2, 3, 4]
     rows = (run / "metrics.jsonl").read_text()
     assert '"val/loss"' in rows and '"val/ppl"' in rows and '"lr"' in rows
-    gen = run_abi([str(run), "--prompt", "The function", "--max-new-tokens", "8", "--seed", "1"],
-                  module="abi_train.generate")
+    gen = run_abi(
+        [str(run), "--prompt", "The function", "--max-new-tokens", "8", "--seed", "1"], module="abi_train.generate"
+    )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("The function") and len(gen.stdout) > len("The function")
 
@@ -49,8 +58,17 @@ def test_cfg_job_prints_resolved_config(tmp_path):
 
 
 def test_multirun_sweep(tmp_path, cache_dir):
-    proc = run_abi(["-m", *TINY_LLM, f"data.cache_dir={cache_dir}", "trainer.max_steps=2", "trainer.seed=1,2",
-                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    proc = run_abi(
+        [
+            "-m",
+            *TINY_LLM,
+            f"data.cache_dir={cache_dir}",
+            "trainer.max_steps=2",
+            "trainer.seed=1,2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in runs] == ["0", "1"]
@@ -90,21 +108,32 @@ def test_missing_text_field_and_empty_file(tmp_path, cache_dir):
 
 def test_wheel_ships_configs_and_runs_from_anywhere(tmp_path):
     """A plain (non-editable) install finds its configs and recipes from any working directory."""
-    build = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", str(tmp_path / "dist"),
-                            str(REPO)], capture_output=True, text=True)
+    build = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", str(tmp_path / "dist"), str(REPO)],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("abi_train-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "abi_train/configs/train.yaml" in names and "abi_train/configs/recipe/llm.yaml" in names
     target = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),
-                              str(wheel)], capture_output=True, text=True)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+    )
     assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = run_abi(["recipe=llm", "--cfg", "job"], cwd=elsewhere, env={"PYTHONPATH": str(target)})
     assert proc.returncode == 0, proc.stderr
     assert "task: llm" in proc.stdout
-    where = subprocess.run([sys.executable, "-c", "import abi_train.cli as c; print(c.config_dir())"],
-                           cwd=elsewhere, env={"PYTHONPATH": str(target)}, capture_output=True, text=True)
+    where = subprocess.run(
+        [sys.executable, "-c", "import abi_train.cli as c; print(c.config_dir())"],
+        cwd=elsewhere,
+        env={"PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+    )
     assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr

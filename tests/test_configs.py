@@ -25,8 +25,16 @@ RECIPE_OF_ARCH = {"gpt": "llm", "vit": "vit", "clip": "clip"}
 RECIPE_OF_DATA = {"text": "llm", "shards": "llm", "shapes": "vit", "images": "vit", "captions": "clip", "pairs": "clip"}
 # One small step per recipe: the shipped sizes stay as they are (that is what is being checked),
 # only batch, data and cadence shrink.
-FAST = ["trainer.max_steps=1", "trainer.batch_size=2", "trainer.eval_every=1", "trainer.eval_batches=1",
-        "trainer.ckpt_every=1", "trainer.log_every=1", "trainer.num_workers=0", "trainer.progress=false"]
+FAST = [
+    "trainer.max_steps=1",
+    "trainer.batch_size=2",
+    "trainer.eval_every=1",
+    "trainer.eval_batches=1",
+    "trainer.ckpt_every=1",
+    "trainer.log_every=1",
+    "trainer.num_workers=0",
+    "trainer.progress=false",
+]
 FAST_DATA = {
     "llm": ["data.seq_len=16"],
     "vit": [],
@@ -83,8 +91,20 @@ def data_files(tmp_path_factory) -> dict[str, list[str]]:
 
     shards = root / "shards"
     script = Path(__file__).resolve().parents[1] / "scripts" / "make_token_shards.py"
-    proc = subprocess.run([sys.executable, str(script), "--input", str(corpus), "--tokenizer", str(root / "tok.json"),
-                           "--out", str(shards)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(root / "tok.json"),
+            "--out",
+            str(shards),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return {
         "text": [f"data.files={corpus}", f"data.cache_dir={root / 'c'}"],
@@ -105,8 +125,14 @@ def run_one_step(tmp_path: Path, overrides: list[str]) -> dict[str, float]:
 
 
 def recipe_overrides(recipe: str, data: str, data_files: dict) -> list[str]:
-    return [f"recipe={recipe}", f"data={data}", *FAST, *FAST_DATA[recipe], *FAST_DATA_OPTION[data],
-            *data_files.get(data, [])]
+    return [
+        f"recipe={recipe}",
+        f"data={data}",
+        *FAST,
+        *FAST_DATA[recipe],
+        *FAST_DATA_OPTION[data],
+        *data_files.get(data, []),
+    ]
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -115,8 +141,15 @@ def test_model_option_runs_a_step(tmp_path, data_files, model):
     recipe = RECIPE_OF_ARCH[arch]
     # The shipped sizes as they are; evaluation and checkpoints are covered by the other tests (at full
     # size they only cost minutes of CPU).
-    run_one_step(tmp_path, [*recipe_overrides(recipe, DEFAULT_DATA[recipe], data_files), f"model={model}",
-                            "trainer.eval_every=0", "trainer.ckpt_every=0"])
+    run_one_step(
+        tmp_path,
+        [
+            *recipe_overrides(recipe, DEFAULT_DATA[recipe], data_files),
+            f"model={model}",
+            "trainer.eval_every=0",
+            "trainer.ckpt_every=0",
+        ],
+    )
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -139,5 +172,6 @@ def test_recipe_defaults_compose_and_step(tmp_path, data_files, recipe):
     cfg = compose_cfg([f"recipe={recipe}"])
     assert cfg.task == recipe
     data = cfg.data.name
-    run_one_step(tmp_path, [f"recipe={recipe}", *FAST, *FAST_DATA[recipe], *FAST_DATA_OPTION[data],
-                            *data_files.get(data, [])])
+    run_one_step(
+        tmp_path, [f"recipe={recipe}", *FAST, *FAST_DATA[recipe], *FAST_DATA_OPTION[data], *data_files.get(data, [])]
+    )

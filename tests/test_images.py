@@ -57,8 +57,10 @@ def write_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), corrupt:
 
 def hf_rows(n: int, labels: list, corrupt_at: int | None = None) -> datasets.Dataset:
     rng = np.random.default_rng(1)
-    images = [{"bytes": png_bytes(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))), "path": None}
-              for _ in range(n)]
+    images = [
+        {"bytes": png_bytes(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))), "path": None}
+        for _ in range(n)
+    ]
     if corrupt_at is not None:
         images[corrupt_at] = {"bytes": b"garbage", "path": None}
     features = datasets.Features(

@@ -61,9 +61,7 @@ def test_no_weight_decay_on_norms_biases_embeddings():
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_schedules(schedule):
-    cfg = OmegaConf.create(
-        {"schedule": schedule, "warmup_steps": 10, "min_lr_ratio": 0.1, "decay_fraction": 0.2}
-    )
+    cfg = OmegaConf.create({"schedule": schedule, "warmup_steps": 10, "min_lr_ratio": 0.1, "decay_fraction": 0.2})
     f = [lr_factor(s, cfg, 100) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     if schedule == "constant":

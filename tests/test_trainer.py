@@ -76,8 +76,9 @@ def test_grad_clip_logs_preclip_norm(tmp_path, cache_dir):
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, cache_dir, monkeypatch):
-    cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", "trainer.max_steps=6",
-                       "trainer.max_nonfinite_steps=3"])
+    cfg = compose_cfg(
+        [*TINY_LLM, f"data.cache_dir={cache_dir}", "trainer.max_steps=6", "trainer.max_nonfinite_steps=3"]
+    )
     task = task_class("llm")(cfg, DistInfo())
     real_loss = task.loss
     calls = {"n": 0}
@@ -119,7 +120,7 @@ def test_init_from_loads_weights_not_state(tmp_path, cache_dir):
     trainer.setup()
     trained, _ = ckpt.load_model(first)
     assert trainer.step == 0
-    for (name, p), q in zip(trainer.raw_model.state_dict().items(), trained.state_dict().values()):
+    for (name, p), q in zip(trainer.raw_model.state_dict().items(), trained.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
 
 

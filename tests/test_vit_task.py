@@ -153,8 +153,9 @@ def test_bad_inputs(overrides, message):
         build_model(task.model_config())
 
 
-@pytest.mark.parametrize("data,message", [(["data=images"], "data.path is not set"),
-                                          (["data=text"], "data=text is not an image dataset")])
+@pytest.mark.parametrize(
+    "data,message", [(["data=images"], "data.path is not set"), (["data=text"], "data=text is not an image dataset")]
+)
 def test_bad_data(data, message):
     with pytest.raises(UserError, match=message):
         make_task(data=data)
@@ -178,9 +179,17 @@ def test_exact_resume(tmp_path):
 def test_tiny_vit_learns_the_shapes_above_chance(tmp_path):
     """200 steps on the shared trainer: val top-1 far above chance. Chance is 1/12 = 0.083 with a
     standard deviation of 0.012 on 512 images, so 0.15 is over 5 deviations above it."""
-    opts = ["data.num_train=12800", "data.num_val=512", "trainer.batch_size=64", "trainer.max_steps=200",
-            "trainer.eval_every=200", "trainer.eval_batches=8", "trainer.log_every=50", "optim.lr=3e-3",
-            "optim.warmup_steps=20"]
+    opts = [
+        "data.num_train=12800",
+        "data.num_val=512",
+        "trainer.batch_size=64",
+        "trainer.max_steps=200",
+        "trainer.eval_every=200",
+        "trainer.eval_batches=8",
+        "trainer.log_every=50",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=20",
+    ]
     rows = read_metrics(run(tmp_path, opts))
     top1 = [r["val/top1"] for r in rows if "val/top1" in r][-1]
     assert top1 > 0.15

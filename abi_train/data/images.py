@@ -173,7 +173,7 @@ def _is_class_tree(path: Path) -> bool:
     return has_subdirs and next(data_files, None) is None
 
 
-def _load_hf(path: Path) -> dict[str, Any]:
+def load_hf_splits(path: Path) -> dict[str, Any]:
     """A local ``datasets`` dataset as {split: Dataset}."""
     import datasets
     import pyarrow
@@ -194,7 +194,7 @@ def _load_hf(path: Path) -> dict[str, Any]:
     return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
 
 
-def _pick_splits(splits: dict[str, Any], where: Path) -> tuple[Any, Any | None]:
+def pick_train_val(splits: dict[str, Any], where: Path) -> tuple[Any, Any | None]:
     train = next((splits[s] for s in TRAIN_SPLITS if s in splits), None)
     if train is None and len(splits) == 1:
         train = next(iter(splits.values()))
@@ -215,10 +215,10 @@ def _open(
         splits = {p.name: p for p in root.iterdir() if p.is_dir() and p.name in TRAIN_SPLITS + VAL_SPLITS}
         if not splits:
             return ImageFolder(root, class_names), None
-        train_root, val_root = _pick_splits(splits, root)
+        train_root, val_root = pick_train_val(splits, root)
         train = ImageFolder(train_root, class_names)
         return train, ImageFolder(val_root, train.class_names) if val_root is not None else None
-    train_split, val_split = _pick_splits(_load_hf(root), root)
+    train_split, val_split = pick_train_val(load_hf_splits(root), root)
     train = HFImageDataset(train_split, image_field, label_field, str(root), class_names)
     if val_split is None:
         return train, None

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from abi_train.data.images import ImageFolder, _load_hf, _pick_splits, load_image, require_readable, to_tensor
+from abi_train.data.images import ImageFolder, load_hf_splits, load_image, pick_train_val, require_readable, to_tensor
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 
@@ -122,7 +122,7 @@ def _open(path: str, image_field: str, text_field: str) -> tuple[CaptionPairs, C
     root = Path(path).expanduser()
     if not root.exists():
         raise UserError(f"caption data {path} does not exist")
-    train, val = _pick_splits(_load_hf(root), root)
+    train, val = pick_train_val(load_hf_splits(root), root)
     return (
         CaptionPairs(train, image_field, text_field, str(root)),
         None if val is None else CaptionPairs(val, image_field, text_field, str(root)),

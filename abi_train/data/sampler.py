@@ -56,9 +56,13 @@ class GlobalBatchSampler:
         assert self._order is not None
         return self._order
 
+    def first_position(self, step: int, micro_step: int) -> int:
+        """Global draw position of this rank's first item in one micro-step (augmentations seed on it)."""
+        return step * self.global_batch + (micro_step * self.world_size + self.rank) * self.local_batch
+
     def indices(self, step: int, micro_step: int) -> list[int]:
         """Item indices of this rank for one micro-step of one optimizer step."""
-        first = step * self.global_batch + (micro_step * self.world_size + self.rank) * self.local_batch
+        first = self.first_position(step, micro_step)
         out = []
         for pos in range(first, first + self.local_batch):
             epoch, offset = divmod(pos, self.num_items)

@@ -46,9 +46,22 @@ class VisionTransformer(nn.Module):
         if width % heads:
             raise UserError(f"model.width={width} is not divisible by model.heads={heads}")
         self.config: dict[str, Any] = dict(
-            arch="vit", name=name, image_size=image_size, patch_size=patch_size, width=width, depth=depth, heads=heads,
-            mlp_ratio=mlp_ratio, num_classes=num_classes, pool=pool, pre_norm=pre_norm, patch_bias=patch_bias,
-            norm_eps=norm_eps, dropout=dropout, drop_path=drop_path, in_chans=in_chans,
+            arch="vit",
+            name=name,
+            image_size=image_size,
+            patch_size=patch_size,
+            width=width,
+            depth=depth,
+            heads=heads,
+            mlp_ratio=mlp_ratio,
+            num_classes=num_classes,
+            pool=pool,
+            pre_norm=pre_norm,
+            patch_bias=patch_bias,
+            norm_eps=norm_eps,
+            dropout=dropout,
+            drop_path=drop_path,
+            in_chans=in_chans,
         )
         self.image_size, self.pool = image_size, pool
         self.num_patches = (image_size // patch_size) ** 2
@@ -60,8 +73,16 @@ class VisionTransformer(nn.Module):
         self.pre_ln = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(
             Block(
-                width, heads, int(width * mlp_ratio), norm="layernorm", norm_eps=norm_eps, mlp="gelu", bias=True,
-                causal=False, dropout=dropout, drop_path=drop_path * i / max(depth - 1, 1),
+                width,
+                heads,
+                int(width * mlp_ratio),
+                norm="layernorm",
+                norm_eps=norm_eps,
+                mlp="gelu",
+                bias=True,
+                causal=False,
+                dropout=dropout,
+                drop_path=drop_path * i / max(depth - 1, 1),
             )
             for i in range(depth)
         )

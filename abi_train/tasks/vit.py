@@ -71,7 +71,7 @@ class WithPositions:
         s = self.sampler
         for k, indices in enumerate(s):
             step, micro = divmod(k, s.accumulation)
-            first = (s.start_step + step) * s.global_batch + (micro * s.world_size + s.rank) * s.local_batch
+            first = s.first_position(s.start_step + step, micro)
             yield [(index, first + j) for j, index in enumerate(indices)]
 
 
