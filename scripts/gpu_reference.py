@@ -64,8 +64,8 @@ def open_clip_b32(batch: int, size: int, device: torch.device):
     text = torch.randint(1, 49407, (batch, 77), generator=gen).to(device)
 
     def loss_fn(m, b):
-        out = m(*b)
-        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        image_features, text_features, logit_scale = m(*b)[:3]
+        return clip_loss(image_features, text_features, logit_scale)
 
     v, t = model.visual, model.transformer
     text_flops = 6 * sum(p.numel() for p in t.parameters()) * 77 + 12 * t.layers * t.width * 77 * 77

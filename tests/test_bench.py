@@ -50,6 +50,7 @@ def test_bench_option_errors():
 RECIPES = {
     "llm": ["model=tiny", "data.seq_len=32", "data.vocab_size=512"],  # + data.cache_dir: the session cache
     "clip": ["model=clip-tiny", "data.num_train=64", "data.num_val=16", "data.num_zero_shot=16"],
+    "vit": ["model=vit-tiny", "data.num_train=64", "data.num_val=16", "trainer.num_workers=0"],
 }
 
 

@@ -107,6 +107,20 @@ class ImageFolder(Dataset):
         return None if image is None else (to_tensor(image), label)
 
 
+def select_image_columns(ds: Any, image_field: str, other: tuple[str, str], where: str) -> Any:
+    """Keep the image column and one other (``(config key, column)``), images left undecoded so that we
+    decode them ourselves and can skip corrupt ones. UserError naming the key when a column is missing."""
+    import datasets
+
+    for key, name in (("data.image_field", image_field), other):
+        if name not in ds.column_names:
+            raise UserError(f"{key}={name!r} is not a column of {where}; columns: {', '.join(ds.column_names)}")
+    ds = ds.select_columns([image_field, other[1]])
+    if isinstance(ds.features[image_field], datasets.Image):
+        ds = ds.cast_column(image_field, datasets.Image(decode=False))
+    return ds
+
+
 class HFImageDataset(Dataset):
     """A ``datasets.Dataset`` with an image column and a label column (ClassLabel, int ids or names)."""
 
@@ -115,12 +129,7 @@ class HFImageDataset(Dataset):
     ) -> None:
         import datasets
 
-        for key, name in (("data.image_field", image_field), ("data.label_field", label_field)):
-            if name not in ds.column_names:
-                raise UserError(f"{key}={name!r} is not a column of {where}; columns: {', '.join(ds.column_names)}")
-        ds = ds.select_columns([image_field, label_field])
-        if isinstance(ds.features[image_field], datasets.Image):
-            ds = ds.cast_column(image_field, datasets.Image(decode=False))  # decode ourselves: skip corrupt ones
+        ds = select_image_columns(ds, image_field, ("data.label_field", label_field), where)
         labels = ds[label_field]
         feature = ds.features[label_field]
         if isinstance(feature, datasets.ClassLabel):  # ids -> names, so a val split maps by name

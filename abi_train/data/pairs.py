@@ -20,7 +20,15 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from abi_train.data.images import ImageFolder, load_hf_splits, load_image, pick_train_val, require_readable, to_tensor
+from abi_train.data.images import (
+    ImageFolder,
+    load_hf_splits,
+    load_image,
+    pick_train_val,
+    require_readable,
+    select_image_columns,
+    to_tensor,
+)
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 
@@ -88,14 +96,7 @@ class CaptionPairs(Dataset):
     data's folder) and a caption column. Items are (uint8 CHW image, caption) or None."""
 
     def __init__(self, ds: Any, image_field: str, text_field: str, where: str) -> None:
-        import datasets
-
-        for key, name in (("data.image_field", image_field), ("data.text_field", text_field)):
-            if name not in ds.column_names:
-                raise UserError(f"{key}={name!r} is not a column of {where}; columns: {', '.join(ds.column_names)}")
-        ds = ds.select_columns([image_field, text_field])
-        if isinstance(ds.features[image_field], datasets.Image):
-            ds = ds.cast_column(image_field, datasets.Image(decode=False))  # decode ourselves: skip corrupt ones
+        ds = select_image_columns(ds, image_field, ("data.text_field", text_field), where)
         self.all_captions: list[str] = ds[text_field]
         bad = next((i for i, c in enumerate(self.all_captions) if not isinstance(c, str) or not c.strip()), None)
         if bad is not None:

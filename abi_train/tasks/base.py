@@ -15,11 +15,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.distributed import DistInfo
+from abi_train.errors import UserError
 
 
 @dataclass
@@ -75,6 +76,17 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         """Validation metrics and media. Called on every rank; only rank 0's result is logged."""
+
+    def model_options(self, arch: str) -> dict[str, Any]:
+        """The resolved ``model`` config as plain kwargs, checked to be of this task's ``arch``."""
+        config = OmegaConf.to_container(self.cfg.model, resolve=True)
+        assert isinstance(config, dict)
+        config.setdefault("arch", arch)
+        if config["arch"] != arch:
+            raise UserError(
+                f"task {self.family} needs a {arch} model (arch: {arch}), got model.arch={config['arch']!r}"
+            )
+        return config
 
     # --- optional hooks ----------------------------------------------------------------------
     def to_device(self, batch: Any, device: torch.device) -> Any:

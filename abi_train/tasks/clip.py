@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import DataLoader
@@ -88,11 +87,7 @@ class CLIPTask(Task):
         self.val_set = PairDataset(val, self.transform, self.encoder)
 
     def model_config(self) -> dict[str, Any]:
-        config = OmegaConf.to_container(self.cfg.model, resolve=True)
-        assert isinstance(config, dict)
-        config.setdefault("arch", "clip")
-        if config["arch"] != "clip":
-            raise UserError(f"task clip needs a clip model (arch: clip), got model.arch={config['arch']!r}")
+        config = self.model_options("clip")
         config.update(vocab_size=self.vocab_size, eot_id=self.encoder.eot_id, loss=self.loss_name)
         return config
 

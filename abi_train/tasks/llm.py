@@ -96,11 +96,7 @@ class LLMTask(Task):
                 )
 
     def model_config(self) -> dict[str, Any]:
-        config = OmegaConf.to_container(self.cfg.model, resolve=True)
-        assert isinstance(config, dict)
-        config.setdefault("arch", "gpt")
-        if config["arch"] != "gpt":
-            raise UserError(f"task llm needs a gpt model (arch: gpt), got model.arch={config['arch']!r}")
+        config = self.model_options("gpt")
         config["vocab_size"] = self.vocab_size
         return config
 

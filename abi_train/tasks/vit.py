@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -135,7 +134,7 @@ class ViTTask(Task):
         self.val_skipped = 0  # unreadable images in the last validation pass
 
     def model_config(self) -> dict[str, Any]:
-        config = OmegaConf.to_container(self.cfg.model, resolve=True)
+        config = self.model_options("vit")
         n = len(self.class_names)
         if config.get("num_classes") is None:
             config["num_classes"] = n
@@ -178,6 +177,12 @@ class ViTTask(Task):
 
     def items_in(self, batch: dict[str, Any]) -> int:
         return len(batch["labels"])
+
+    def synthetic_batch(self, batch_size: int) -> Any:
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, 3, self.image_size, self.image_size, generator=gen)
+        labels = torch.randint(0, len(self.class_names), (batch_size,), generator=gen)
+        return {"images": images, "labels": labels, "skipped": 0}
 
     def flops_per_item(self, model: nn.Module) -> float:
         return unwrap(model).flops_per_image()
