@@ -101,8 +101,10 @@ class ViTTask(Task):
         d, seed = self.cfg.data, int(self.cfg.trainer.seed)
         arch = self.cfg.model.get("arch")
         if arch != "vit":
-            raise UserError(f"task vit needs a ViT model (model.arch=vit), got arch {arch!r}; "
-                            "use model=vit-tiny, vit-s16 or vit-b16")
+            raise UserError(
+                f"task vit needs a ViT model (model.arch=vit), got arch {arch!r}; "
+                "use model=vit-tiny, vit-s16 or vit-b16"
+            )
         self.image_size = d.get("image_size") or self.cfg.model.get("image_size")
         if not self.image_size:
             raise UserError("no image size: set data.image_size or model.image_size")
@@ -139,8 +141,9 @@ class ViTTask(Task):
         if config.get("num_classes") is None:
             config["num_classes"] = n
         elif config["num_classes"] != n:
-            raise UserError(f"model.num_classes={config['num_classes']} but the data has {n} classes; "
-                            "set model.num_classes=null")
+            raise UserError(
+                f"model.num_classes={config['num_classes']} but the data has {n} classes; set model.num_classes=null"
+            )
         config["image_size"] = self.image_size
         return config
 
