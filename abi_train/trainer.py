@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,6 +92,10 @@ class Trainer:
             raise UserError("trainer.precision=bf16 but this GPU has no bf16; use fp16 or fp32")
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
+        if self.device.type == "cpu" and tc.num_workers > 0 and "OMP_NUM_THREADS" not in os.environ:
+            # Leave a core to each DataLoader worker: oversubscribed CPUs make the step itself much slower
+            # (vit recipe on 2 cores: 1,330 images/s with 2 threads, 1,965 with 1).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - tc.num_workers))
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
