@@ -239,10 +239,15 @@ def test_write_state_dict_is_byte_identical_to_save_model(tmp_path):
 
 
 def test_fsdp_refuses_scalar_parameters_clearly():
-    cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "clip-tiny.yaml"))
-    model = build_model({**cfg, "vocab_size": 64, "eot_id": 63})
-    with pytest.raises(UserError, match="logit_scale.*trainer.parallel=ddp"):
+    model = torch.nn.Linear(4, 4)
+    model.register_parameter("temperature", torch.nn.Parameter(torch.tensor(1.0)))
+    with pytest.raises(UserError, match="temperature.*trainer.parallel=ddp"):
         shard_model(model, "fp32", torch.device("cpu"))
+
+
+def test_clip_has_no_scalar_parameters_so_fsdp_can_shard_it():
+    model = _clip_model()
+    assert all(p.ndim >= 1 for p in model.parameters())
 
 
 # --- CLIP: DDP + gather-with-grad == one process on the concatenated batch ------------------------

@@ -106,7 +106,7 @@ def from_gguf(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
 
 def params_from_metadata(kv: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The parameters stored as metadata keys: the logit scale (and SigLIP's bias)."""
-    params = {"logit_scale": torch.tensor(float(need(kv, "abi_train.logit_scale")))}
+    params = {"logit_scale": torch.tensor([float(need(kv, "abi_train.logit_scale"))])}
     if "abi_train.logit_bias" in kv:
-        params["logit_bias"] = torch.tensor(float(kv["abi_train.logit_bias"]))
+        params["logit_bias"] = torch.tensor([float(kv["abi_train.logit_bias"])])
     return params

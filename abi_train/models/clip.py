@@ -99,12 +99,13 @@ class CLIP(nn.Module):
         self.visual_projection = nn.Linear(vision_width, embed_dim, bias=False)
         self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
         # The learned temperature, stored as a log. CLIP starts at 1/0.07; SigLIP at 10 with bias -10
-        # (so the many negative pairs start with a small loss).
+        # (so the many negative pairs start with a small loss). Shape (1,), not 0-dim: FSDP2 shards only
+        # parameters with at least one dimension.
         if loss == "siglip":
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+            self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0)]))
+            self.logit_bias = nn.Parameter(torch.tensor([-10.0]))
         else:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
             self.logit_bias = None
         self._init_text()
 
