@@ -304,3 +304,13 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def main_first(dist: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the block first (filling caches); the other ranks run it after, hitting the cache."""
+    if not dist.is_main:
+        barrier()
+    yield
+    if dist.is_main:
+        barrier()

@@ -347,12 +347,11 @@ class Trainer:
                     "train/loss": loss_sum.item() / max(1.0, steps_since_log.item()),
                     "lr": self.scheduler.get_last_lr()[0],
                     "train/grad_norm": grad_norm.item(),
-                    f"train/{task.unit}_per_s": rate,
+                    f"train/{task.unit}_per_s": rate * dist.world_size,  # whole job
                     "train/nonfinite_steps": float(self.nonfinite_total),
                 }
                 if peak:
-                    values["train/mfu"] = flops_per_item * rate / peak
-                values[f"train/{task.unit}_per_s"] = rate * dist.world_size  # whole job
+                    values["train/mfu"] = flops_per_item * rate / peak  # rate and peak are per GPU
                 if self.device.type == "cuda":
                     values["train/memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 if tc.precision == "fp16":

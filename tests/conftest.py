@@ -65,3 +65,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def assert_export_cli_refuses(monkeypatch, capsys, cases: list[tuple[list[str], str]], out_dir: Path) -> None:
+    """Each ``(argv, message)``: `python -m abi_train.export argv` exits 2 with one line holding ``message``
+    and writes nothing into ``out_dir``."""
+    from abi_train.export import __main__ as export_main
+
+    for argv, msg in cases:
+        monkeypatch.setattr(sys, "argv", ["x", *argv])
+        with pytest.raises(SystemExit) as e:
+            export_main.main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+        assert list(out_dir.iterdir()) == []

@@ -137,3 +137,13 @@ def test_wheel_ships_configs_and_runs_from_anywhere(tmp_path):
         text=True,
     )
     assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs exactly the test command the README's quick start gives (install + pytest)."""
+    readme = (REPO / "README.md").read_text().splitlines()
+    marker = readme.index("<!-- ci:test -->")
+    command = readme[marker + 2]
+    assert "pytest" in command
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert ci[ci.index("# README test command:") + 1] == command

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_export_cli_refuses
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, TokenType
 from gguf.quants import dequantize
 
 from abi_train import checkpoint as ckpt
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
-from abi_train.export import __main__ as export_main
 from abi_train.export import export_checkpoint, export_gguf
 from abi_train.export.gguf_llm import permute, to_gguf, unpermute
 from abi_train.export.reader import read_gguf
@@ -232,17 +232,12 @@ def test_export_checkpoint_and_cli(tmp_path, tok_path, monkeypatch, capsys):
     write_checkpoint(tmp_path / "vit", m, tok_path, family="rnn")
     bad = tmp_path / "bad"
     bad.mkdir()
-    for argv, msg in [
+    cases = [
         ([str(tmp_path / "vit"), "-o", str(bad / "m.gguf")], "cannot export family 'rnn'"),
         ([str(tmp_path / "notok"), "-o", str(bad / "m.gguf")], "needs a tokenizer.json"),
         ([str(run), "-o", str(bad / "m.gguf"), "--outtype", "q3"], "outtype 'q3' is not supported"),
         ([str(run), "-o", str(tmp_path / "nodir" / "m.gguf")], "output directory does not exist"),
         ([str(tmp_path / "corrupt"), "-o", str(bad / "m.gguf")], "does not fit this model"),
         ([str(tmp_path / "nothing"), "-o", str(bad / "m.gguf")], "does not exist"),
-    ]:
-        monkeypatch.setattr(sys, "argv", ["x", *argv])
-        with pytest.raises(SystemExit) as e:
-            export_main.main()
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
-        assert list(bad.iterdir()) == []
+    ]
+    assert_export_cli_refuses(monkeypatch, capsys, cases, bad)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg
+from conftest import assert_export_cli_refuses, compose_cfg
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, TokenType
 from gguf.quants import dequantize
 
@@ -28,7 +28,6 @@ from abi_train.data.pairs import SOT, CaptionEncoder
 from abi_train.data.tokenizer import EOS, Tokenizer
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
-from abi_train.export import __main__ as export_main
 from abi_train.export import export_checkpoint, export_gguf, gguf_clip, gguf_vit
 from abi_train.export.reader import read_gguf
 from abi_train.models import build_model
@@ -358,17 +357,12 @@ def test_training_runs_export_and_the_cli(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     capsys.readouterr()  # the training runs' output
-    for argv, msg in [
+    cases = [
         ([str(clip_run), "-o", str(bad / "m.gguf")], "clip GGUF export needs a tokenizer.json"),
         ([str(vit_run), "-o", str(bad / "m.gguf"), "--outtype", "q5_k"], "outtype 'q5_k' is not supported"),
         ([str(vit_run), "-o", str(tmp_path / "nodir" / "m.gguf")], "output directory does not exist"),
-    ]:
-        monkeypatch.setattr(sys, "argv", ["x", *argv])
-        with pytest.raises(SystemExit) as e:
-            export_main.main()
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
-        assert list(bad.iterdir()) == []
+    ]
+    assert_export_cli_refuses(monkeypatch, capsys, cases, bad)
 
 
 def test_quantized_head_rows_that_do_not_fit_fall_back_to_f16(tmp_path, caplog):

@@ -7,9 +7,8 @@ Data is ``data=text`` (files or the built-in corpus, tokenized once and cached) 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,23 +22,13 @@ from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.data.text import load_text_data
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.data.tokens import TokenWindows, collate_windows, load_shards
-from abi_train.distributed import DistInfo, barrier
+from abi_train.distributed import main_first
 from abi_train.errors import UserError
 from abi_train.tasks.base import EvalResult, Task
 from abi_train.utils import unwrap
 
 SAMPLE_PROMPT = "The"  # the evaluation sample continues this, with a fixed seed, so samples compare over time
 SAMPLE_TOKENS = 48
-
-
-@contextlib.contextmanager
-def main_first(dist: DistInfo) -> Iterator[None]:
-    """Rank 0 runs the block first (filling caches); the other ranks run it after, hitting the cache."""
-    if not dist.is_main:
-        barrier()
-    yield
-    if dist.is_main:
-        barrier()
 
 
 class LLMTask(Task):
