@@ -10,13 +10,11 @@ prints. Options of the bench itself (not of the run config):
     bench.steps=30      timed steps (the median of these is reported)
     bench.warmup=10     untimed steps first (compilation, autotuning, allocator warm-up)
     bench.compile_mode=default   torch.compile mode when trainer.compile=true (e.g. max-autotune-no-cudagraphs)
-    bench.sdpa=auto     pin the attention kernel: auto | cudnn | flash | efficient | math
     bench.profile=FILE  after timing, profile 3 more steps and write the kernel table (by GPU time) to FILE
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import statistics
@@ -35,10 +33,8 @@ BENCH_DEFAULTS: dict[str, Any] = {
     "steps": 30,
     "warmup": 10,
     "compile_mode": "default",
-    "sdpa": "auto",
     "profile": "",
 }
-SDPA = ("auto", "cudnn", "flash", "efficient", "math")
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -57,8 +53,6 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
             raise UserError(f"{arg!r}: expected a {type(BENCH_DEFAULTS[key]).__name__}") from None
     if options["steps"] < 1 or options["warmup"] < 0:
         raise UserError(f"bench.steps must be >= 1 and bench.warmup >= 0, got {options['steps']}, {options['warmup']}")
-    if options["sdpa"] not in SDPA:
-        raise UserError(f"bench.sdpa={options['sdpa']!r} is not known; valid: {', '.join(SDPA)}")
     return overrides, options
 
 
@@ -75,21 +69,6 @@ def compose(overrides: list[str]) -> DictConfig:
             return hydra_compose(config_name="train", overrides=overrides)
     except HydraException as e:
         raise UserError(str(e).splitlines()[0]) from None
-
-
-def sdpa_context(kind: str) -> contextlib.AbstractContextManager:
-    """Pin scaled_dot_product_attention to one kernel (compilation picks the kernel, so wrap it too)."""
-    if kind == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH,
-    }[kind]
-    return sdpa_kernel([backend])
 
 
 def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
@@ -164,11 +143,10 @@ def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] |
     batch = task.to_device(task.synthetic_batch(cfg.trainer.batch_size), trainer.device)
     trainer.batches = itertools.repeat(batch)
     trainer.model.train()
-    with sdpa_context(options["sdpa"]):
-        step = lambda: trainer.train_step(trainer.batches)
-        timing = time_steps(step, options["steps"], options["warmup"], trainer.device)
-        if options["profile"]:
-            write_profile(step, options["profile"], trainer.device)
+    step = lambda: trainer.train_step(trainer.batches)
+    timing = time_steps(step, options["steps"], options["warmup"], trainer.device)
+    if options["profile"]:
+        write_profile(step, options["profile"], trainer.device)
     losses = [out.loss for out in timing["outputs"]]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -189,7 +167,8 @@ def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] |
         precision=cfg.trainer.precision,
         compile=bool(cfg.trainer.compile),
         compile_mode=options["compile_mode"] if cfg.trainer.compile else None,
-        sdpa=options["sdpa"],
+        attention=cfg.trainer.attention,
+        bf16_residual=bool(cfg.trainer.bf16_residual),
         world_size=dist.world_size,
         parallel=cfg.trainer.parallel if dist.world_size > 1 else "none",
         steps=options["steps"],

@@ -51,6 +51,40 @@ class StepOutput:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def attention_context(kind: str) -> contextlib.AbstractContextManager:
+    """Pin scaled_dot_product_attention to one kernel ("auto": PyTorch picks per call). torch.compile
+    chooses the kernel when it traces, so the first (compiling) call must run inside this context too."""
+    if kind == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[kind]
+    return sdpa_kernel([backend])
+
+
+def keep_residual_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the input of every transformer block to ``dtype`` while autocast is on, so the residual stream
+    between blocks is stored and added in bf16 instead of float32 (Megatron's default; FSDP2 mixed precision
+    does the same): about half the bytes for the memory-bound kernels around each block."""
+    from abi_train.models.layers import Block
+
+    def cast_input(module: torch.nn.Module, args: tuple) -> tuple | None:
+        x, *rest = args
+        if not torch.is_autocast_enabled(x.device.type) or x.dtype == dtype:
+            return None
+        return (x.to(dtype), *rest)
+
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.register_forward_pre_hook(cast_input)
 
 
 def accumulation_steps(batch_size: int, global_batch_size: int | None, world_size: int) -> int:
@@ -90,6 +124,10 @@ class Trainer:
         self.amp_dtype = PRECISIONS[tc.precision]
         if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("trainer.precision=bf16 but this GPU has no bf16; use fp16 or fp32")
+        if tc.attention not in ATTENTION_KERNELS:
+            raise UserError(f"trainer.attention={tc.attention!r} is not known; valid: {', '.join(ATTENTION_KERNELS)}")
+        if tc.bf16_residual and tc.precision != "bf16":
+            raise UserError(f"trainer.bf16_residual=true needs trainer.precision=bf16, got {tc.precision!r}")
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
         if self.device.type == "cpu" and tc.num_workers > 0 and "OMP_NUM_THREADS" not in os.environ:
@@ -101,10 +139,13 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
     # ------------------------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    def _compute_context(self) -> contextlib.ExitStack:
+        """Autocast (bf16/fp16) and the pinned attention kernel, around every forward."""
+        stack = contextlib.ExitStack()
+        if self.amp_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.amp_dtype))
+        stack.enter_context(attention_context(self.cfg.trainer.attention))
+        return stack
 
     def setup(self) -> None:
         """Build data, model, optimizer; restore a checkpoint on resume; wrap for distributed/compile."""
@@ -121,6 +162,8 @@ class Trainer:
         self.task.setup(self.resume_from)
         self.model_config = self.task.model_config()
         raw = build_model(self.model_config).to(self.device)
+        if cfg.trainer.bf16_residual:
+            keep_residual_in(raw, torch.bfloat16)
         if self.resume_from is not None:
             self._check_same_model(self.resume_from)
             ckpt.load_weights(raw, self.resume_from)
@@ -242,7 +285,7 @@ class Trainer:
         for micro in range(self.accumulation):
             batch = task.to_device(next(batches), self.device)
             with grad_sync(self.model, enabled=micro == self.accumulation - 1):
-                with self._autocast():
+                with self._compute_context():
                     loss, logs = task.loss(self.model, batch)
                 self.scaler.scale(loss / self.accumulation).backward()
             step_loss += loss.detach() / self.accumulation
@@ -408,7 +451,7 @@ class Trainer:
     def _evaluate(self):
         self.model.eval()
         try:
-            with self._autocast():
+            with self._compute_context():
                 return self.task.evaluate(self.model, self.device)
         finally:
             self.model.train()

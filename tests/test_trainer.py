@@ -63,6 +63,52 @@ def test_precisions_train_on_cpu(tmp_path, cache_dir, precision):
         assert "train/loss_scale" in rows[-1]
 
 
+def test_attention_kernels_compute_the_same_losses(tmp_path, cache_dir):
+    """trainer.attention pins the SDPA kernel; the plain-matmul kernel trains like PyTorch's pick."""
+    auto = losses(train(tmp_path, cache_dir, ["trainer.max_steps=3"], "auto"))
+    math_kernel = losses(train(tmp_path, cache_dir, ["trainer.max_steps=3", "trainer.attention=math"], "math"))
+    for step in auto:
+        assert math_kernel[step] == pytest.approx(auto[step], rel=1e-5)
+
+
+def test_bf16_residual_keeps_block_inputs_in_bf16(tmp_path, cache_dir):
+    """Under bf16 autocast the blocks see a bf16 residual stream; the losses stay within bf16 noise."""
+    cfg = compose_cfg(
+        [*TINY_LLM, f"data.cache_dir={cache_dir}", "trainer.precision=bf16", "trainer.bf16_residual=true"]
+    )
+    trainer = Trainer(cfg, task_class("llm")(cfg, DistInfo()), tmp_path / "run", DistInfo())
+    trainer.setup()
+    seen = []
+    trainer.raw_model.blocks[1].attn.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    batch = next(trainer.batches)
+    with trainer._compute_context():
+        trainer.task.loss(trainer.model, batch)
+    assert seen == [torch.bfloat16]
+    trainer.task.loss(trainer.model, batch)  # no autocast (fp32 run): the hook leaves the stream alone
+    assert seen == [torch.bfloat16, torch.float32]
+    plain = losses(train(tmp_path, cache_dir, ["trainer.precision=bf16", "trainer.max_steps=3"], "plain"))
+    lowp = losses(
+        train(
+            tmp_path, cache_dir, ["trainer.precision=bf16", "trainer.max_steps=3", "trainer.bf16_residual=true"], "lowp"
+        )
+    )
+    for step in plain:
+        assert lowp[step] == pytest.approx(plain[step], rel=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.attention=fa3"], "trainer.attention='fa3' is not known"),
+        (["trainer.bf16_residual=true"], "trainer.bf16_residual=true needs trainer.precision=bf16"),
+    ],
+)
+def test_speed_options_reject_bad_values(tmp_path, cache_dir, overrides, message):
+    cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", *overrides])
+    with pytest.raises(UserError, match=message):
+        Trainer(cfg, task_class("llm")(cfg, DistInfo()), tmp_path / "run", DistInfo())
+
+
 def test_accumulation_matches_one_big_batch(tmp_path, cache_dir):
     big = losses(train(tmp_path, cache_dir, ["trainer.batch_size=8"], "big"))
     acc = losses(train(tmp_path, cache_dir, ["trainer.batch_size=2", "trainer.global_batch_size=8"], "acc"))
