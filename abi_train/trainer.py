@@ -36,6 +36,7 @@ from abi_train.distributed import (
 from abi_train.errors import UserError
 from abi_train.metrics import MetricsLogger, Progress, peak_flops
 from abi_train.models import build_model
+from abi_train.models.layers import ATTENTION_KERNELS, pin_attention_kernel
 from abi_train.optim import build_optimizer, build_scheduler
 from abi_train.tasks.base import Task
 from abi_train.utils import pick_device, rng_state, seed_everything, set_rng_state
@@ -51,23 +52,6 @@ class StepOutput:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
-
-
-def attention_context(kind: str) -> contextlib.AbstractContextManager:
-    """Pin scaled_dot_product_attention to one kernel ("auto": PyTorch picks per call). torch.compile
-    chooses the kernel when it traces, so the first (compiling) call must run inside this context too."""
-    if kind == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH,
-    }[kind]
-    return sdpa_kernel([backend])
 
 
 def keep_residual_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -139,13 +123,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
     # ------------------------------------------------------------------------------------------
-    def _compute_context(self) -> contextlib.ExitStack:
-        """Autocast (bf16/fp16) and the pinned attention kernel, around every forward."""
-        stack = contextlib.ExitStack()
-        if self.amp_dtype is not None:
-            stack.enter_context(torch.autocast(self.device.type, dtype=self.amp_dtype))
-        stack.enter_context(attention_context(self.cfg.trainer.attention))
-        return stack
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def setup(self) -> None:
         """Build data, model, optimizer; restore a checkpoint on resume; wrap for distributed/compile."""
@@ -162,6 +143,7 @@ class Trainer:
         self.task.setup(self.resume_from)
         self.model_config = self.task.model_config()
         raw = build_model(self.model_config).to(self.device)
+        pin_attention_kernel(raw, cfg.trainer.attention)
         if cfg.trainer.bf16_residual:
             keep_residual_in(raw, torch.bfloat16)
         if self.resume_from is not None:
@@ -285,7 +267,7 @@ class Trainer:
         for micro in range(self.accumulation):
             batch = task.to_device(next(batches), self.device)
             with grad_sync(self.model, enabled=micro == self.accumulation - 1):
-                with self._compute_context():
+                with self._autocast():
                     loss, logs = task.loss(self.model, batch)
                 self.scaler.scale(loss / self.accumulation).backward()
             step_loss += loss.detach() / self.accumulation
@@ -451,7 +433,7 @@ class Trainer:
     def _evaluate(self):
         self.model.eval()
         try:
-            with self._compute_context():
+            with self._autocast():
                 return self.task.evaluate(self.model, self.device)
         finally:
             self.model.train()

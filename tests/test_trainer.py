@@ -15,6 +15,8 @@ from conftest import TINY_LLM, compose_cfg, losses, read_metrics
 from abi_train import checkpoint as ckpt
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
+from abi_train.models import build_model
+from abi_train.models.layers import pin_attention_kernel
 from abi_train.tasks import task_class
 from abi_train.trainer import Trainer
 
@@ -63,6 +65,28 @@ def test_precisions_train_on_cpu(tmp_path, cache_dir, precision):
         assert "train/loss_scale" in rows[-1]
 
 
+def sdpa_ops_run(model: torch.nn.Module, tokens: torch.Tensor) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(tokens).sum().backward()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_attention_pin_reaches_the_kernel(compiled):
+    """The pin holds inside torch.compile too (a context around the compiled call would not be traced)."""
+    model = build_model({**compose_cfg(TINY_LLM).model, "vocab_size": 64})
+    tokens = torch.randint(0, 64, (2, 16))
+    for kind, kernel_op in [("flash", "aten::_scaled_dot_product_flash_attention_for_cpu"), ("math", None)]:
+        pin_attention_kernel(model, kind)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        ops = sdpa_ops_run(run, tokens)
+        if kernel_op:
+            assert kernel_op in ops
+        else:
+            assert not any("flash" in op or "efficient" in op for op in ops)
+        torch._dynamo.reset()
+
+
 def test_attention_kernels_compute_the_same_losses(tmp_path, cache_dir):
     """trainer.attention pins the SDPA kernel; the plain-matmul kernel trains like PyTorch's pick."""
     auto = losses(train(tmp_path, cache_dir, ["trainer.max_steps=3"], "auto"))
@@ -81,7 +105,7 @@ def test_bf16_residual_keeps_block_inputs_in_bf16(tmp_path, cache_dir):
     seen = []
     trainer.raw_model.blocks[1].attn.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
     batch = next(trainer.batches)
-    with trainer._compute_context():
+    with trainer._autocast():
         trainer.task.loss(trainer.model, batch)
     assert seen == [torch.bfloat16]
     trainer.task.loss(trainer.model, batch)  # no autocast (fp32 run): the hook leaves the stream alone

@@ -6,9 +6,20 @@ families differ only in the options below (norm, MLP kind, biases, causal mask, 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ATTENTION_KERNELS = {
+    "auto": None,  # PyTorch picks per call
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 class RMSNorm(nn.Module):
@@ -66,6 +77,7 @@ class Attention(nn.Module):
             raise ValueError(f"d_model={d_model}, n_head={n_head}, n_kv_head={n_kv_head} do not divide")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
         self.causal, self.dropout = causal, dropout
+        self.kernels: list[SDPBackend] | None = None  # None: PyTorch picks; see pin_attention_kernel
         # Rows: [q (n_head*hd) | k (n_kv_head*hd) | v (n_kv_head*hd)]
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
@@ -80,14 +92,17 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=self.causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        # The pin sits inside forward so torch.compile traces it (a context around the compiled call is not
+        # seen by the graph).
+        with sdpa_kernel(self.kernels) if self.kernels else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=self.causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -156,3 +171,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path(self.resid_dropout(self.attn(self.norm1(x), rope)))
         return x + self.drop_path(self.resid_dropout(self.mlp(self.norm2(x))))
+
+
+def pin_attention_kernel(model: nn.Module, kind: str) -> None:
+    """Pin every attention layer of ``model`` to one SDPA kernel (a key of ATTENTION_KERNELS)."""
+    backend = ATTENTION_KERNELS[kind]
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kernels = None if backend is None else [backend]
