@@ -13,6 +13,6 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torc
   | tee -a "$OUT/env.txt"
 
 # bench ARGS...: one abi_train.bench run (its JSON line goes to $OUT/results.jsonl), 300 s at most.
-bench() { timeout 300 python3 -m abi_train.bench "$@" 2>>"$OUT/log.txt" | tee -a "$OUT/results.jsonl"; }
+bench() { timeout "${BENCH_TIMEOUT:-300}" python3 -m abi_train.bench "$@" 2>>"$OUT/log.txt" | tee -a "$OUT/results.jsonl"; }
 # ref ARGS...: one reference run (scripts/gpu_reference.py), same output.
 ref() { timeout 300 python3 scripts/gpu_reference.py "$@" 2>>"$OUT/log.txt" | tee -a "$OUT/results.jsonl"; }

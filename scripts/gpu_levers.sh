@@ -1,20 +1,39 @@
-# Issue 7 levers, one at a time, for ViT-B/16 and CLIP ViT-B/32, each reference re-run in the same call.
-# Device call: bash scripts/gpu_levers.sh   (carry .site .whl .ref; see scripts/gpu_env.sh). Results: docs/PERF.md.
+# Issue 7 levers, one at a time, each reference re-run in the same call.
+# Device call: bash scripts/gpu_levers.sh vision|llm|autotune   (carry .site .whl .ref; see scripts/gpu_env.sh).
+# Results: docs/PERF.md.
 source scripts/gpu_env.sh
 VIT="recipe=vit model=vit-b16 model.drop_path=0.0 trainer.batch_size=256 trainer.precision=bf16 trainer.num_workers=0 trainer.compile=true"
 CLIP="recipe=clip model=clip-b32 trainer.batch_size=512 trainer.precision=bf16 trainer.num_workers=0 trainer.compile=true"
+GPT="recipe=llm model=gpt2-124m data.seq_len=1024 trainer.batch_size=32 trainer.precision=bf16 data.cache_dir=/tmp/abi trainer.compile=true"
+LOWP="trainer.bf16_residual=true"
 stamp() { echo "$(date +%T) $*" | tee -a "$OUT/times.txt"; }
-stamp start; ref open-clip --batch 512
-stamp; bench $CLIP
-stamp; bench $CLIP trainer.attention=math bench.profile="$OUT/profile_clip_math.txt"
-stamp; bench $CLIP trainer.attention=math trainer.bf16_residual=true
-stamp; bench $CLIP trainer.attention=flash
-stamp; ref timm-vit --batch 256
-stamp; bench $VIT
-stamp; bench $VIT trainer.attention=flash
-stamp; bench $VIT trainer.attention=math
-stamp; bench $VIT trainer.attention=efficient
-stamp; bench $VIT trainer.bf16_residual=true
-stamp; bench $CLIP trainer.attention=efficient
+case "$1" in
+vision)
+  stamp start; ref timm-vit --batch 256
+  stamp; bench $VIT
+  stamp; bench $VIT $LOWP bench.profile="$OUT/profile_vit_lowp.txt"
+  stamp; bench $VIT $LOWP trainer.attention=flash
+  stamp; bench $VIT $LOWP bench.compile_mode=reduce-overhead
+  stamp; ref open-clip --batch 512
+  stamp; bench $CLIP
+  stamp; bench $CLIP $LOWP bench.profile="$OUT/profile_clip_lowp.txt"
+  stamp; bench $CLIP trainer.attention=flash
+  stamp; bench $CLIP bench.compile_mode=reduce-overhead
+  ;;
+llm)
+  stamp start; ref nanogpt --batch 32
+  stamp; bench $GPT
+  stamp; bench $GPT $LOWP bench.profile="$OUT/profile_gpt_lowp.txt"
+  stamp; bench $GPT trainer.attention=flash
+  stamp; bench $GPT $LOWP bench.compile_mode=reduce-overhead
+  ;;
+autotune)  # Triton matmul templates can take the bias + GELU epilogue that cuBLAS leaves to a separate kernel
+  AT="bench.compile_mode=max-autotune-no-cudagraphs"
+  stamp start; bench $VIT $LOWP $AT bench.profile="$OUT/profile_vit_autotune.txt"
+  stamp; bench $CLIP $LOWP $AT
+  stamp; bench $GPT $LOWP $AT
+  ;;
+*) echo "usage: bash scripts/gpu_levers.sh vision|llm|autotune" >&2; exit 2 ;;
+esac
 stamp end
 grep -E "Error|error:" "$OUT/log.txt" | tail -n 20

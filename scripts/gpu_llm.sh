@@ -5,7 +5,7 @@ GPT="recipe=llm model=gpt2-124m data.seq_len=1024 trainer.precision=bf16 data.ca
 ref nanogpt --batch 32
 ref nanogpt --batch 32 --bias
 bench $GPT trainer.compile=true trainer.batch_size=32
-bench $GPT trainer.compile=true trainer.batch_size=32 bench.sdpa=flash
+bench $GPT trainer.compile=true trainer.batch_size=32 trainer.attention=flash
 ref nanogpt --batch 16
 bench $GPT trainer.compile=true trainer.batch_size=16
 ref nanogpt --batch 16 --eager
