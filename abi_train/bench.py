@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from abi_train.data.prefetch import batch_tensors
 from abi_train.errors import UserError
 
 BENCH_DEFAULTS: dict[str, Any] = {
@@ -163,7 +164,7 @@ def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] |
         model=overrides_value(overrides, "model") or cfg.model.get("name"),
         batch=cfg.trainer.batch_size,
         **{k: v for k, v in sizes.items() if v is not None},
-        shapes=[list(t.shape) for t in tensors(batch)],
+        shapes=[list(t.shape) for t in batch_tensors(batch)],
         precision=cfg.trainer.precision,
         compile=bool(cfg.trainer.compile),
         compile_mode=options["compile_mode"] if cfg.trainer.compile else None,
@@ -193,14 +194,6 @@ def write_profile(step: Callable[[], Any], path: str, device: torch.device, step
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90)
     with open(path, "w") as f:
         f.write(f"{steps} steps\n{table}\n")
-
-
-def tensors(batch: Any) -> list[torch.Tensor]:
-    """The tensors of a batch (tuple, list or dict, nested), in order."""
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
-    return [t for v in values for t in tensors(v)]
 
 
 def unwrap_compile(model: torch.nn.Module) -> torch.nn.Module:

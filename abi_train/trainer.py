@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from abi_train import checkpoint as ckpt
+from abi_train.data.prefetch import DevicePrefetcher
 from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.distributed import (
     DistInfo,
@@ -186,6 +187,8 @@ class Trainer:
             start_step=self.step,
         )
         self.batches = iter(self.task.train_loader(sampler))
+        if cfg.trainer.prefetch and self.device.type == "cuda":
+            self.batches = DevicePrefetcher(self.batches, lambda b: self.task.to_device(b, self.device), self.device)
 
     def _check_same_model(self, ckpt_dir: Path) -> None:
         stored = ckpt.load_meta(ckpt_dir)["model_config"]

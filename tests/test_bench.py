@@ -10,6 +10,7 @@ from conftest import TINY_LLM, compose_cfg, run_abi
 
 from abi_train import bench
 from abi_train import trainer as trainer_module
+from abi_train.data.prefetch import batch_tensors
 from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
@@ -66,7 +67,7 @@ def test_synthetic_batch_matches_the_loader(recipe, cache_dir):
     assert type(fake) is type(real)
     if isinstance(real, dict):
         assert fake.keys() == real.keys()
-    real_t, fake_t = bench.tensors(real), bench.tensors(fake)
+    real_t, fake_t = batch_tensors(real), batch_tensors(fake)
     assert [(t.shape, t.dtype) for t in fake_t] == [(t.shape, t.dtype) for t in real_t]
     assert task.items_in(fake) == task.items_in(real)
     if recipe == "llm":

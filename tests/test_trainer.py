@@ -199,3 +199,58 @@ def test_resume_with_other_model_shape_is_a_user_error(tmp_path, cache_dir):
     cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", "resume=true", "model.n_layer=3"])
     with pytest.raises(UserError, match="different model shape.*n_layer"):
         Trainer(cfg, task_class("llm")(cfg, DistInfo()), run, DistInfo()).setup()
+
+
+class FakeStream:
+    """Stands in for a CUDA stream on this CPU machine and logs what the prefetcher asks of streams."""
+
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name, self.device = log, name, "cuda:0"
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+def test_prefetcher_copies_one_batch_ahead_on_a_side_stream(monkeypatch):
+    """Batch n+1 is moved (on the side stream) as soon as batch n is handed out; the compute stream waits
+    for the copy and keeps the memory alive; order and end of data are the loader's."""
+    from abi_train.data import prefetch
+
+    log: list = []
+    side, compute = FakeStream(log, "side"), FakeStream(log, "compute")
+    current = [compute]
+
+    class StreamContext:
+        def __init__(self, stream: FakeStream) -> None:
+            self.stream = stream
+
+        def __enter__(self) -> None:
+            current.append(self.stream)
+
+        def __exit__(self, *exc: object) -> None:
+            current.pop()
+
+    monkeypatch.setattr(prefetch.torch.cuda, "Stream", lambda device: side)
+    monkeypatch.setattr(prefetch.torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(prefetch.torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(f"{int(t)} kept for {s.name}"))
+
+    def move(batch: dict) -> dict:
+        log.append(f"move {int(batch['x'])} on {current[-1].name}")
+        return batch
+
+    loader = iter([{"x": torch.tensor(i)} for i in range(3)])
+    batches = prefetch.DevicePrefetcher(loader, move, torch.device("cuda"))
+    assert log == ["move 0 on side"]
+    assert [int(b["x"]) for b in batches] == [0, 1, 2]
+    assert log == [
+        "move 0 on side",
+        "compute waits for side",
+        "0 kept for compute",
+        "move 1 on side",
+        "compute waits for side",
+        "1 kept for compute",
+        "move 2 on side",
+        "compute waits for side",
+        "2 kept for compute",
+    ]
