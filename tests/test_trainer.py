@@ -87,12 +87,19 @@ def test_attention_pin_reaches_the_kernel(compiled):
         torch._dynamo.reset()
 
 
+def assert_same_losses(tmp_path: Path, cache_dir: Path, first: list[str], second: list[str], rel: float) -> None:
+    """Two runs that differ only in how they compute log the same per-step losses (within ``rel``)."""
+    expected = losses(train(tmp_path, cache_dir, first, "first"))
+    got = losses(train(tmp_path, cache_dir, second, "second"))
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=rel)
+
+
 def test_attention_kernels_compute_the_same_losses(tmp_path, cache_dir):
     """trainer.attention pins the SDPA kernel; the plain-matmul kernel trains like PyTorch's pick."""
-    auto = losses(train(tmp_path, cache_dir, ["trainer.max_steps=3"], "auto"))
-    math_kernel = losses(train(tmp_path, cache_dir, ["trainer.max_steps=3", "trainer.attention=math"], "math"))
-    for step in auto:
-        assert math_kernel[step] == pytest.approx(auto[step], rel=1e-5)
+    steps = ["trainer.max_steps=3"]
+    assert_same_losses(tmp_path, cache_dir, steps, [*steps, "trainer.attention=math"], rel=1e-5)
 
 
 def test_bf16_residual_keeps_block_inputs_in_bf16(tmp_path, cache_dir):
@@ -110,14 +117,8 @@ def test_bf16_residual_keeps_block_inputs_in_bf16(tmp_path, cache_dir):
     assert seen == [torch.bfloat16]
     trainer.task.loss(trainer.model, batch)  # no autocast (fp32 run): the hook leaves the stream alone
     assert seen == [torch.bfloat16, torch.float32]
-    plain = losses(train(tmp_path, cache_dir, ["trainer.precision=bf16", "trainer.max_steps=3"], "plain"))
-    lowp = losses(
-        train(
-            tmp_path, cache_dir, ["trainer.precision=bf16", "trainer.max_steps=3", "trainer.bf16_residual=true"], "lowp"
-        )
-    )
-    for step in plain:
-        assert lowp[step] == pytest.approx(plain[step], rel=2e-2)
+    plain = ["trainer.precision=bf16", "trainer.max_steps=3"]
+    assert_same_losses(tmp_path, cache_dir, plain, [*plain, "trainer.bf16_residual=true"], rel=2e-2)
 
 
 @pytest.mark.parametrize(
@@ -134,10 +135,8 @@ def test_speed_options_reject_bad_values(tmp_path, cache_dir, overrides, message
 
 
 def test_accumulation_matches_one_big_batch(tmp_path, cache_dir):
-    big = losses(train(tmp_path, cache_dir, ["trainer.batch_size=8"], "big"))
-    acc = losses(train(tmp_path, cache_dir, ["trainer.batch_size=2", "trainer.global_batch_size=8"], "acc"))
-    for step in big:
-        assert acc[step] == pytest.approx(big[step], rel=1e-5)
+    big, accumulated = ["trainer.batch_size=8"], ["trainer.batch_size=2", "trainer.global_batch_size=8"]
+    assert_same_losses(tmp_path, cache_dir, big, accumulated, rel=1e-5)
 
 
 def test_grad_clip_logs_preclip_norm(tmp_path, cache_dir):
