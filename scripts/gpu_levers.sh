@@ -1,5 +1,5 @@
 # Issue 7 levers, one at a time, each reference re-run in the same call.
-# Device call: bash scripts/gpu_levers.sh vision|llm|autotune|loader   (carry .site .whl .ref; see scripts/gpu_env.sh).
+# Device call: bash scripts/gpu_levers.sh vision|llm|autotune|loader|nobias   (carry .site .whl .ref; see scripts/gpu_env.sh).
 # Results: docs/PERF.md.
 source scripts/gpu_env.sh
 VIT="recipe=vit model=vit-b16 model.drop_path=0.0 trainer.batch_size=256 trainer.precision=bf16 trainer.num_workers=0 trainer.compile=true"
@@ -27,6 +27,11 @@ llm)
   stamp; bench $GPT trainer.attention=flash
   stamp; bench $GPT $LOWP bench.compile_mode=reduce-overhead
   ;;
+nobias)  # GPT-2 at the issue's reference shape (no biases, as nanoGPT's default)
+  stamp start; ref nanogpt --batch 32
+  stamp; bench $GPT model.bias=false
+  stamp; bench $GPT model.bias=false $LOWP
+  ;;
 autotune)  # Triton matmul templates can take the bias + GELU epilogue that cuBLAS leaves to a separate kernel
   AT="bench.compile_mode=max-autotune-no-cudagraphs"
   stamp start; bench $VIT $LOWP $AT bench.profile="$OUT/profile_vit_autotune.txt"
@@ -46,7 +51,7 @@ loader)  # real runs (DataLoader workers drawing 224 px images), the next batch 
     cp /tmp/runs/$name/metrics.jsonl "$OUT/metrics_$name.jsonl"
   done
   ;;
-*) echo "usage: bash scripts/gpu_levers.sh vision|llm|autotune|loader" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_levers.sh vision|llm|autotune|loader|nobias" >&2; exit 2 ;;
 esac
 stamp end
 grep -E "Error|error:" "$OUT/log.txt" | tail -n 20

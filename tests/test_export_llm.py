@@ -116,7 +116,13 @@ def test_tokenizer_metadata(tmp_path, tok_path):
 
 @pytest.mark.parametrize(
     ("style", "over"),
-    [("llama", {}), ("gpt2", {}), ("llama", {"tie_embeddings": False, "rope_theta": 500.0}), ("gpt2", {"n_layer": 3})],
+    [
+        ("llama", {}),
+        ("gpt2", {}),
+        ("llama", {"tie_embeddings": False, "rope_theta": 500.0}),
+        ("gpt2", {"n_layer": 3}),
+        ("gpt2", {"bias": False}),
+    ],
 )
 def test_rebuild_from_gguf_alone(tmp_path, tok_path, style, over):
     m = gpt(style, **over)

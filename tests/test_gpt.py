@@ -162,6 +162,18 @@ def test_bad_configs():
         build_model(model_cfg("tiny", style="mamba"))
     with pytest.raises(UserError, match="n_kv_head"):
         build_model(model_cfg("tiny", n_kv_head=3))
+    with pytest.raises(UserError, match="model.bias=true is not supported for style=llama"):
+        build_model(model_cfg("tiny", bias=True))
+
+
+def test_gpt2_without_biases():
+    """model.bias=false: no bias in any linear or LayerNorm (nanoGPT's bias=False)."""
+    with torch.device("meta"):
+        plain, bias_free = build_model(model_cfg("gpt2-124m")), build_model(model_cfg("gpt2-124m", bias=False))
+    assert not [name for name, _ in bias_free.named_parameters() if name.endswith("bias")]
+    c = plain.cfg
+    per_block = 3 * c.d_model + c.d_model + c.ffn_hidden + c.d_model + 2 * c.d_model  # qkv, proj, fc, proj, 2 norms
+    assert plain.num_params() - bias_free.num_params() == c.n_layer * per_block + c.d_model  # + norm_f's bias
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])

@@ -33,17 +33,19 @@ PROMPT = "The return statement leaves the current function call with the"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Tokenizer + two tiny models trained for 30 AdamW steps on ~20 KB of Python docs."""
+    """Tokenizer + three tiny models (llama, gpt2, gpt2 without biases) trained for 30 AdamW steps on ~20 KB of
+    Python docs."""
     docs = [d for _, d in sorted(pydoc_data.topics.topics.items())][:12]
     tok = Tokenizer.train(docs, 500)  # 500 tokens in 512 embedding rows: exercises GGUF vocab padding
     tmp = tmp_path_factory.mktemp("llamacpp")
     tok.save(tmp / "tokenizer.json")
     data = torch.tensor(tok.encode(EOS.join(docs)))
     models = {}
-    for style, size in [("llama", "tiny"), ("gpt2", "gpt2-tiny")]:
+    for key, style, size, bias in [("llama", "llama", "tiny", None), ("gpt2", "gpt2", "gpt2-tiny", None),
+                                   ("gpt2-nobias", "gpt2", "gpt2-tiny", False)]:  # fmt: skip
         torch.manual_seed(0)
         cfg = {"arch": "gpt", "name": size, "style": style, "vocab_size": 512, "context_length": 128, "n_layer": 2,
-               "n_head": 4, "n_kv_head": 2 if style == "llama" else None, "d_model": 64}  # fmt: skip
+               "n_head": 4, "n_kv_head": 2 if style == "llama" else None, "d_model": 64, "bias": bias}  # fmt: skip
         model = build_model(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(0)
@@ -60,10 +62,10 @@ def trained(tmp_path_factory):
         model.eval()
         meta = {"family": "llm", "step": 30}
         files = {
-            outtype: export_gguf(model, meta, tmp / "tokenizer.json", tmp / f"{style}-{outtype}.gguf", outtype)
+            outtype: export_gguf(model, meta, tmp / "tokenizer.json", tmp / f"{key}-{outtype}.gguf", outtype)
             for outtype in ("f32", "f16", "q8_0")
         }
-        models[style] = (model, files)
+        models[key] = (model, files)
     return tok, models
 
 
@@ -85,7 +87,7 @@ def test_tokenizer_ids_match(trained, style):
         llm.close()
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("style", ["llama", "gpt2", "gpt2-nobias"])
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
 def test_logits_match(trained, style, outtype):
     tok, models = trained
@@ -106,7 +108,7 @@ def test_logits_match(trained, style, outtype):
         assert rel < {"f32": 1e-3, "f16": 1e-2}[outtype], rel
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("style", ["llama", "gpt2", "gpt2-nobias"])
 def test_greedy_generation_identical_f32(trained, style):
     tok, models = trained
     model, files = models[style]

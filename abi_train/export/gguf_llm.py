@@ -92,6 +92,11 @@ def to_gguf(model: Any) -> dict[str, torch.Tensor]:
                 out[f"{prefix}.{BLOCK[c.style][module]}.{kind}"] = t
         elif not (module[0] == "lm_head" and c.tie_embeddings):
             out[f"{TOP[module[0]]}.{kind}"] = t
+    if c.style == "gpt2" and not c.bias:
+        # llama.cpp's gpt2 graph requires every linear and LayerNorm bias: zeros compute the same function.
+        for name, t in list(out.items()):
+            if name.endswith(".weight") and not name.startswith(("token_embd.", "position_embd.", "output.")):
+                out[name.removesuffix("weight") + "bias"] = torch.zeros(t.shape[0], dtype=t.dtype)
     return out
 
 
@@ -121,6 +126,8 @@ def config_from_gguf(kv: dict[str, Any], tensors: dict[str, torch.Tensor]) -> di
         "ffn_hidden": _need(kv, f"{a}.feed_forward_length"),
         "norm_eps": _need(kv, f"{a}.attention.layer_norm{'_rms' if llama else ''}_epsilon"),
         "tie_embeddings": "output.weight" not in tensors,
+        # All-zero biases are what the exporter writes for a bias-free gpt2: rebuild that model.
+        "bias": any(t.any() for name, t in tensors.items() if name.endswith(".bias")),
     }
     if llama:
         cfg["rope_theta"] = kv.get(f"{a}.rope.freq_base", 10000.0)
@@ -134,6 +141,8 @@ def from_gguf(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
     qkv: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for name, t in tensors.items():
         parts = name.split(".")
+        if parts[-1] == "bias" and not config["bias"]:
+            continue
         try:
             if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k", "attn_v") and config["style"] == "llama":
                 qkv[f"blocks.{parts[1]}.attn.qkv.{parts[3]}"][parts[2]] = t

@@ -1,7 +1,7 @@
 """A decoder-only transformer in two styles, built from the shared ``layers.Block``.
 
 - ``gpt2``: LayerNorm, learned positions (``pos_embd``), GELU (tanh approximation, as llama.cpp
-  computes it) MLP, biases everywhere, tied embeddings.
+  computes it) MLP, biases everywhere (or, with ``bias=False``, nowhere: nanoGPT's default), tied embeddings.
 - ``llama``: RMSNorm, rotate-half RoPE, SwiGLU MLP, grouped-query attention, no biases.
 
 Parameter names (``tok_embd``, ``pos_embd``, ``blocks.N.*``, ``norm_f``, ``lm_head``) are what the
@@ -37,6 +37,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # RoPE base (llama style only)
     tie_embeddings: bool = True  # lm_head shares tok_embd's weight
+    bias: bool | None = None  # biases in linears and LayerNorms; None: the style's (gpt2 yes, llama no)
     dropout: float = 0.0
     name: str = "gpt"  # free text, written into GGUF's general.name
 
@@ -56,6 +57,10 @@ class GPTConfig:
             )
         if self.style == "llama" and (self.d_model // self.n_head) % 2:
             raise UserError(f"model: RoPE needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
+        if self.bias is None:
+            self.bias = self.style == "gpt2"
+        elif self.bias and self.style == "llama":
+            raise UserError("model.bias=true is not supported for style=llama (llama.cpp's llama has no biases)")
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.d_model if self.style == "gpt2" else 64 * math.ceil(8 * self.d_model / 3 / 64)
 
@@ -78,12 +83,12 @@ class GPT(nn.Module):
                 norm="rmsnorm" if llama else "layernorm",
                 norm_eps=cfg.norm_eps,
                 mlp="swiglu" if llama else "gelu_tanh",
-                bias=not llama,
+                bias=cfg.bias,
                 dropout=cfg.dropout,
             )
             for _ in range(cfg.n_layer)
         )
-        self.norm_f = make_norm("rmsnorm" if llama else "layernorm", cfg.d_model, cfg.norm_eps)
+        self.norm_f = make_norm("rmsnorm" if llama else "layernorm", cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embd.weight

@@ -33,9 +33,10 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
+    """LayerNorm (with a bias unless ``bias`` is false) or RMSNorm (never a bias)."""
     if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
     raise ValueError(f"unknown norm {kind!r}; valid: layernorm, rmsnorm")
@@ -162,9 +163,9 @@ class Block(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = make_norm(norm, d_model, norm_eps)
+        self.norm1 = make_norm(norm, d_model, norm_eps, bias)
         self.attn = Attention(d_model, n_head, n_kv_head, bias=bias, causal=causal, dropout=dropout)
-        self.norm2 = make_norm(norm, d_model, norm_eps)
+        self.norm2 = make_norm(norm, d_model, norm_eps, bias)
         self.mlp = MLP(d_model, ffn_hidden, kind=mlp, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
