@@ -1,5 +1,5 @@
 # Issue 7 levers, one at a time, each reference re-run in the same call.
-# Device call: bash scripts/gpu_levers.sh vision|llm|autotune|loader|nobias   (carry .site .whl .ref; see scripts/gpu_env.sh).
+# Device call: bash scripts/gpu_levers.sh vision|llm|autotune|loader [prefetch-only]|nobias   (carry .site .whl .ref; see scripts/gpu_env.sh).
 # Results: docs/PERF.md.
 source scripts/gpu_env.sh
 VIT="recipe=vit model=vit-b16 model.drop_path=0.0 trainer.batch_size=256 trainer.precision=bf16 trainer.num_workers=0 trainer.compile=true"
@@ -45,7 +45,9 @@ loader)  # real runs (DataLoader workers drawing 224 px images), the next batch 
   CRUN="recipe=clip model=clip-b32 trainer.batch_size=512 trainer.precision=bf16 trainer.compile=true
     $LOWP trainer.device=cuda trainer.max_steps=60 trainer.log_every=20 trainer.eval_every=0 trainer.ckpt_every=0
     trainer.progress=false trainer.num_workers=14 data.num_train=35000"
-  for run in "vit $RUN" "vit_noprefetch $RUN trainer.prefetch=false" "clip $CRUN" "clip_noprefetch $CRUN trainer.prefetch=false"; do
+  RUNS=("vit $RUN" "vit_noprefetch $RUN trainer.prefetch=false" "clip $CRUN" "clip_noprefetch $CRUN trainer.prefetch=false")
+  [ "$2" = "prefetch-only" ] && RUNS=("vit $RUN" "clip $CRUN")  # after the faster image generator
+  for run in "${RUNS[@]}"; do
     set -- $run; name=$1; shift
     stamp "$name"; timeout 280 python3 -m abi_train "$@" hydra.run.dir=/tmp/runs/$name >>"$OUT/log.txt" 2>&1
     cp /tmp/runs/$name/metrics.jsonl "$OUT/metrics_$name.jsonl"
