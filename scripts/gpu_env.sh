@@ -12,7 +12,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' \
   | tee -a "$OUT/env.txt"
 
-# bench ARGS...: one abi_train.bench run (its JSON line goes to $OUT/results.jsonl), 300 s at most.
-bench() { timeout "${BENCH_TIMEOUT:-300}" python3 -m abi_train.bench "$@" 2>>"$OUT/log.txt" | tee -a "$OUT/results.jsonl"; }
+# bench ARGS...: one abi_train.bench run (its JSON line goes to $OUT/results.jsonl), BENCH_TIMEOUT s at most.
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-300}"
+bench() { timeout "$BENCH_TIMEOUT" python3 -m abi_train.bench "$@" 2>>"$OUT/log.txt" | tee -a "$OUT/results.jsonl"; }
 # ref ARGS...: one reference run (scripts/gpu_reference.py), same output.
-ref() { timeout 300 python3 scripts/gpu_reference.py "$@" 2>>"$OUT/log.txt" | tee -a "$OUT/results.jsonl"; }
+ref() { timeout "$BENCH_TIMEOUT" python3 scripts/gpu_reference.py "$@" 2>>"$OUT/log.txt" | tee -a "$OUT/results.jsonl"; }

@@ -2,8 +2,10 @@
 # Device call: bash scripts/gpu_levers.sh vision|llm|autotune|loader [prefetch-only]|nobias   (carry .site .whl .ref; see scripts/gpu_env.sh).
 # Results: docs/PERF.md.
 source scripts/gpu_env.sh
-VIT="recipe=vit model=vit-b16 model.drop_path=0.0 trainer.batch_size=256 trainer.precision=bf16 trainer.num_workers=0 trainer.compile=true"
-CLIP="recipe=clip model=clip-b32 trainer.batch_size=512 trainer.precision=bf16 trainer.num_workers=0 trainer.compile=true"
+VIT_SHAPE="recipe=vit model=vit-b16 model.drop_path=0.0 trainer.batch_size=256 trainer.precision=bf16 trainer.compile=true"
+CLIP_SHAPE="recipe=clip model=clip-b32 trainer.batch_size=512 trainer.precision=bf16 trainer.compile=true"
+VIT="$VIT_SHAPE trainer.num_workers=0"
+CLIP="$CLIP_SHAPE trainer.num_workers=0"
 GPT="recipe=llm model=gpt2-124m data.seq_len=1024 trainer.batch_size=32 trainer.precision=bf16 data.cache_dir=/tmp/abi trainer.compile=true"
 LOWP="trainer.bf16_residual=true"
 stamp() { echo "$(date +%T) $*" | tee -a "$OUT/times.txt"; }
@@ -39,12 +41,10 @@ autotune)  # Triton matmul templates can take the bias + GELU epilogue that cuBL
   stamp; bench $GPT $LOWP $AT
   ;;
 loader)  # real runs (DataLoader workers drawing 224 px images), the next batch prefetched to the GPU or not
-  RUN="recipe=vit model=vit-b16 model.drop_path=0.0 trainer.batch_size=256 trainer.precision=bf16 trainer.compile=true
-    $LOWP trainer.device=cuda trainer.max_steps=100 trainer.log_every=20 trainer.eval_every=0 trainer.ckpt_every=0
-    trainer.progress=false trainer.num_workers=14 data.num_train=30000"
-  CRUN="recipe=clip model=clip-b32 trainer.batch_size=512 trainer.precision=bf16 trainer.compile=true
-    $LOWP trainer.device=cuda trainer.max_steps=60 trainer.log_every=20 trainer.eval_every=0 trainer.ckpt_every=0
-    trainer.progress=false trainer.num_workers=14 data.num_train=35000"
+  REAL="$LOWP trainer.device=cuda trainer.log_every=20 trainer.eval_every=0 trainer.ckpt_every=0 trainer.progress=false
+    trainer.num_workers=14"
+  RUN="$VIT_SHAPE $REAL trainer.max_steps=100 data.num_train=30000"
+  CRUN="$CLIP_SHAPE $REAL trainer.max_steps=60 data.num_train=35000"
   RUNS=("vit $RUN" "vit_noprefetch $RUN trainer.prefetch=false" "clip $CRUN" "clip_noprefetch $CRUN trainer.prefetch=false")
   [ "$2" = "prefetch-only" ] && RUNS=("vit $RUN" "clip $CRUN")  # after the faster image generator
   for run in "${RUNS[@]}"; do
@@ -53,7 +53,7 @@ loader)  # real runs (DataLoader workers drawing 224 px images), the next batch 
     cp /tmp/runs/$name/metrics.jsonl "$OUT/metrics_$name.jsonl"
   done
   ;;
-*) echo "usage: bash scripts/gpu_levers.sh vision|llm|autotune|loader|nobias" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_levers.sh vision|llm|autotune|loader [prefetch-only]|nobias" >&2; exit 2 ;;
 esac
 stamp end
 grep -E "Error|error:" "$OUT/log.txt" | tail -n 20

@@ -22,32 +22,31 @@ def batch_tensors(batch: Any) -> list[torch.Tensor]:
 
 
 class DevicePrefetcher:
-    """Iterator over ``batches`` already moved by ``move`` (a host-to-device copy), one batch ahead."""
+    """Iterator over ``batches`` already moved by ``move`` (a host-to-device copy), one batch ahead. Nothing is
+    drawn from ``batches`` before the first ``next``."""
 
     def __init__(self, batches: Iterator[Any], move: Callable[[Any], Any], device: torch.device) -> None:
         self.batches, self.move = batches, move
         self.stream = torch.cuda.Stream(device)
-        self.ahead: list[Any] = []  # the batch already on its way, if any
-        self._fetch()
+        self.ahead: Any = None  # the batch on its way to the device
 
-    def _fetch(self) -> None:
-        try:
-            batch = next(self.batches)
-        except StopIteration:
-            return
+    def _fetch(self) -> Any:
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
         with torch.cuda.stream(self.stream):
-            self.ahead.append(self.move(batch))
+            return self.move(batch)
 
     def __iter__(self) -> DevicePrefetcher:
         return self
 
     def __next__(self) -> Any:
-        if not self.ahead:
+        batch = self.ahead if self.ahead is not None else self._fetch()
+        if batch is None:
             raise StopIteration
-        batch = self.ahead.pop()
         compute = torch.cuda.current_stream(self.stream.device)
         compute.wait_stream(self.stream)  # the copy has landed before the step reads it
         for tensor in batch_tensors(batch):
             tensor.record_stream(compute)  # its memory is not reused until the step is done with it
-        self._fetch()
+        self.ahead = self._fetch()
         return batch
