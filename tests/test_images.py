@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw
 
 from abi_train.data.augment import (
     EvalTransform,
+    Normalize,
     TrainTransform,
-    denormalize,
-    mixup_cutmix,
+    draw_mix,
     random_resized_crop,
     resize_center_crop,
 )
@@ -173,11 +173,11 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path):
 # --- augmentation ----------------------------------------------------------------------------
 def test_train_transform_is_deterministic_per_generator():
     img = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
-    t = TrainTransform(24, scale=(0.2, 1.0), mean=(0.5,) * 3, std=(0.25,) * 3)
+    t = TrainTransform(24, scale=(0.2, 1.0))
     a = t(img, torch.Generator().manual_seed(7))
     b = t(img, torch.Generator().manual_seed(7))
     c = t(img, torch.Generator().manual_seed(8))
-    assert a.shape == (3, 24, 24) and a.dtype == torch.float32
+    assert a.shape == (3, 24, 24) and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -188,26 +188,33 @@ def test_crops_and_eval_transform():
     center = resize_center_crop(img, 10)  # 30x60 -> 10x20 -> the middle 10x10
     assert center.shape == (3, 10, 10)
     solid = torch.full((3, 30, 60), 200, dtype=torch.uint8)
-    x = EvalTransform(10, mean=(0.5,) * 3, std=(0.25,) * 3)(solid)
-    torch.testing.assert_close(x, torch.full((3, 10, 10), (200 / 255 - 0.5) / 0.25))
-    assert torch.equal(denormalize(x, (0.5,) * 3, (0.25,) * 3), torch.full((3, 10, 10), 200, dtype=torch.uint8))
+    x = EvalTransform(10)(solid)
+    assert torch.equal(x, torch.full((3, 10, 10), 200, dtype=torch.uint8))
+    normalize = Normalize((0.5, 0.25, 0.0), (0.25, 0.5, 1.0))
+    want = torch.tensor([(200 / 255 - 0.5) / 0.25, (200 / 255 - 0.25) / 0.5, 200 / 255]).view(3, 1, 1).expand(3, 10, 10)
+    torch.testing.assert_close(normalize(x), want)
+    assert normalize(x[None]).shape == (1, 3, 10, 10) and x.dtype == torch.uint8  # batches too; input untouched
 
 
 @pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
 def test_mixup_cutmix(mixup, cutmix):
     images = torch.randn(4, 3, 16, 16)
     targets = torch.eye(5)[[0, 1, 2, 3]]
-    a = mixup_cutmix(images, targets, mixup, cutmix, torch.Generator().manual_seed(3))
-    b = mixup_cutmix(images, targets, mixup, cutmix, torch.Generator().manual_seed(3))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    mixed, soft = a
+    mix = draw_mix(16, 16, mixup, cutmix, torch.Generator().manual_seed(3))
+    assert mix == draw_mix(16, 16, mixup, cutmix, torch.Generator().manual_seed(3))
+    mixed, soft = mix.images(images), mix.targets(targets)
+    assert torch.equal(mixed, mix.images(images)) and mixed.shape == images.shape
     torch.testing.assert_close(soft.sum(-1), torch.ones(4))
-    lam = soft[0, 0].item()  # image 0 is mixed with image 3 (the batch reversed)
-    torch.testing.assert_close(soft[0, 3], torch.tensor(1 - lam))
+    torch.testing.assert_close(soft[0, 0], torch.tensor(mix.lam))  # image 0 is mixed with image 3 (reversed)
+    torch.testing.assert_close(soft[0, 3], torch.tensor(1 - mix.lam))
     from_first = (mixed[0] == images[0]).all(0).float().mean().item()
-    if mixup == 0:  # cutmix: the label weight is the pasted area
-        assert from_first == pytest.approx(lam)
-    assert torch.equal(mixup_cutmix(images, targets)[0], images)  # both off: unchanged
+    if mix.box is None:  # mixup: a weighted sum of the pair
+        torch.testing.assert_close(mixed[0], images[0] * mix.lam + images[3] * (1 - mix.lam))
+    else:  # cutmix: the label weight is the area kept
+        assert from_first == pytest.approx(mix.lam)
+    if mixup == 0:
+        assert mix.box is not None
+    assert draw_mix(16, 16, 0.0, 0.0) is None  # both off
 
 
 # --- generated shapes ------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def test_setup_batches_loss_and_metadata():
     assert config["arch"] == "vit" and config["num_classes"] == 12 and config["image_size"] == 32
     model = build_model(config)
     batch = first_batches(task, 1)[0]
-    assert batch["images"].shape == (16, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["images"].shape == (16, 3, 32, 32) and batch["images"].dtype == torch.uint8
     assert batch["labels"].shape == (16,) and batch["skipped"] == 0
     assert task.items_in(batch) == 16
     loss, logs = task.loss(model, batch)
@@ -86,8 +86,14 @@ def test_mixup_and_cutmix_give_soft_targets(option):
     assert batch["targets"].shape == (16, 12)
     torch.testing.assert_close(batch["targets"].sum(-1), torch.ones(16))
     assert batch["targets"].min() >= 0.1 / 12 - 1e-6  # smoothing folded in
-    loss, logs = task.loss(build_model(task.model_config()), batch)
+    model, seen = build_model(task.model_config()), []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    loss, logs = task.loss(model, batch)
     assert loss.item() > 0 and logs == {}
+    # The images are mixed where the model is, after normalisation: the batch itself stays uint8.
+    assert batch["images"].dtype == torch.uint8
+    torch.testing.assert_close(seen[0], batch["mix"].images(task.normalize(batch["images"])))
+    assert not torch.equal(seen[0], task.normalize(batch["images"]))
 
 
 def test_label_smoothing_raises_the_loss_of_confident_logits():

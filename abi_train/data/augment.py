@@ -2,18 +2,18 @@
 
 Every random op takes an explicit ``torch.Generator``; the tasks seed one per item from the item's
 global draw position, so the same step sees the same pixels after a resume and on any world size.
-Images are CHW tensors: uint8 in, float32 (normalised) out of the train/eval transforms.
+Images are CHW uint8 tensors in and out of the train/eval transforms (the DataLoader workers); ``Normalize``
+and ``Mix`` (mixup/cutmix, drawn in the collate, applied by the task) run on the batch where the model is, so
+the workers hand over a quarter of the bytes of float32 images.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _uniform(gen: torch.Generator | None, low: float, high: float) -> float:
@@ -74,20 +74,28 @@ def hflip(img: torch.Tensor, p: float, generator: torch.Generator | None = None)
     return img.flip(-1) if p > 0 and float(torch.rand((), generator=generator)) < p else img
 
 
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    return img.round().clamp_(0, 255).to(torch.uint8)
+
+
 class Normalize:
-    """0..255 pixel values -> (x/255 - mean) / std per channel (as one multiply-subtract)."""
+    """uint8 pixels -> float32 (x/255 - mean) / std per channel, on the images' device (kept per device,
+    so the step makes no host-to-device copy of the constants)."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.scale, self.shift = 1 / (255 * s), m / s
+        self.constants = {torch.device("cpu"): (1 / (255 * s), m / s)}
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        return img.float().mul_(self.scale).sub_(self.shift)
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.device not in self.constants:
+            self.constants[images.device] = tuple(c.to(images.device) for c in self.constants[torch.device("cpu")])
+        scale, shift = self.constants[images.device]
+        return images.float().mul_(scale).sub_(shift)
 
 
 class TrainTransform:
-    """uint8 CHW -> random resized crop -> horizontal flip -> normalised float CHW."""
+    """uint8 CHW -> random resized crop -> horizontal flip -> uint8 CHW."""
 
     def __init__(
         self,
@@ -95,65 +103,66 @@ class TrainTransform:
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
-        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
-        self.normalize = Normalize(mean, std)
+        self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         img = random_resized_crop(img, self.size, self.scale, self.ratio, generator)
-        return self.normalize(hflip(img, self.hflip, generator))
+        return to_uint8(hflip(img, self.hflip, generator))
 
 
 class EvalTransform:
-    """uint8 CHW -> resize shorter side + centre crop -> normalised float CHW (deterministic)."""
+    """uint8 CHW -> resize shorter side + centre crop -> uint8 CHW (deterministic)."""
 
-    def __init__(
-        self, size: int, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
-    ) -> None:
-        self.size, self.normalize = size, Normalize(mean, std)
+    def __init__(self, size: int) -> None:
+        self.size = size
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.normalize(resize_center_crop(img, self.size))
+        return to_uint8(resize_center_crop(img, self.size))
 
 
-def denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Inverse of ``Normalize`` for display: (..., C, H, W) float -> uint8 in 0..255."""
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    return ((images.float() * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
+@dataclass(frozen=True)
+class Mix:
+    """One batch's mixup or cutmix: the batch is mixed with itself in reversed order (timm's convention).
 
+    ``lam`` weighs the original targets (for cutmix: the kept area after clipping the box to the image);
+    ``box`` = (y0, y1, x0, x1) is the region pasted from the reversed batch, None for mixup."""
 
-def mixup_cutmix(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    mixup_alpha: float = 0.0,
-    cutmix_alpha: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix a batch with itself in reversed order (timm's convention): with both options on, each
-    batch picks one at random. ``targets`` are (B, C) probabilities and are mixed by the same weight
-    (for cutmix: the pasted box's true area fraction after clipping to the image)."""
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-        return images, targets
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or float(torch.rand((), generator=generator)) < 0.5)
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = _beta(alpha, generator)
-    flipped = images.flip(0)
-    if use_cutmix:
-        h, w = images.shape[-2:]
-        cut = math.sqrt(1 - lam)
-        ch, cw = round(h * cut), round(w * cut)
-        cy, cx = int(torch.randint(0, h, (), generator=generator)), int(torch.randint(0, w, (), generator=generator))
-        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    lam: float
+    box: tuple[int, int, int, int] | None = None
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        flipped = images.flip(0)
+        if self.box is None:
+            return images * self.lam + flipped * (1 - self.lam)
+        y0, y1, x0, x1 = self.box
         images = images.clone()
         images[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
-    else:
-        images = images * lam + flipped * (1 - lam)
-    return images, targets * lam + targets.flip(0) * (1 - lam)
+        return images
+
+    def targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """(B, C) probabilities mixed by the same weight."""
+        return targets * self.lam + targets.flip(0) * (1 - self.lam)
+
+
+def draw_mix(
+    height: int, width: int, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator | None = None
+) -> Mix | None:
+    """A Mix for a batch of ``height`` x ``width`` images; with both options on, each batch picks one at
+    random; None when both are off."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return None
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or float(torch.rand((), generator=generator)) < 0.5)
+    lam = _beta(cutmix_alpha if use_cutmix else mixup_alpha, generator)
+    if not use_cutmix:
+        return Mix(lam)
+    cut = math.sqrt(1 - lam)
+    ch, cw = round(height * cut), round(width * cut)
+    cy = int(torch.randint(0, height, (), generator=generator))
+    cx = int(torch.randint(0, width, (), generator=generator))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+    return Mix(1 - (y1 - y0) * (x1 - x0) / (height * width), (y0, y1, x0, x1))
 
 
 def _beta(alpha: float, generator: torch.Generator | None) -> float:

@@ -69,7 +69,11 @@ def collate_images(items: list[Any]) -> dict[str, Any]:
     """Stack (image, label) items, dropping unreadable ones (None) and counting them in ``skipped``."""
     kept = [x for x in items if x is not None]
     if not kept:
-        return {"images": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long), "skipped": len(items)}
+        return {
+            "images": torch.zeros(0, dtype=torch.uint8),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "skipped": len(items),
+        }
     return {
         "images": torch.stack([x[0] for x in kept]),
         "labels": torch.as_tensor([x[1] for x in kept], dtype=torch.long),

@@ -55,7 +55,7 @@ class CaptionEncoder:
 
 
 class PairDataset(Dataset):
-    """A source of (uint8 image, caption) items -> {"image": normalised float, "tokens", "skipped"}.
+    """A source of (uint8 image, caption) items -> {"image": transformed uint8, "tokens", "skipped"}.
 
     An unreadable image (a None item) is replaced by the next readable pair instead of being dropped:
     every rank must bring equally many pairs to the loss's all_gather. ``skipped`` counts the

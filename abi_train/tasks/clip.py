@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import DataLoader
 
-from abi_train.data.augment import EvalTransform, denormalize
+from abi_train.data.augment import EvalTransform, Normalize
 from abi_train.data.pairs import SOT, CaptionEncoder, PairDataset, collate_pairs, load_pairs
 from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.data.synthetic_pairs import CLASS_NAMES, TEMPLATES, SyntheticPairs, SyntheticZeroShot, with_article
@@ -82,7 +82,8 @@ class CLIPTask(Task):
             )
         self.encoder = CaptionEncoder(self.tokenizer, int(cfg.model.context_length))
         # No random augmentation: flips and crops would contradict captions such as "left of".
-        self.transform = EvalTransform(self.image_size, self.mean, self.std)
+        self.transform = EvalTransform(self.image_size)
+        self.normalize = Normalize(self.mean, self.std)
         self.train_set = PairDataset(train, self.transform, self.encoder)
         self.val_set = PairDataset(val, self.transform, self.encoder)
 
@@ -117,7 +118,7 @@ class CLIPTask(Task):
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.skipped += batch["skipped"]
-        img, txt, scale, bias = model(batch["images"], batch["tokens"])
+        img, txt, scale, bias = model(self.normalize(batch["images"]), batch["tokens"])
         logs = {"train/logit_scale": scale.detach()}
         if bias is not None:
             logs["train/logit_bias"] = bias.detach()
@@ -131,7 +132,7 @@ class CLIPTask(Task):
         size, context = self.image_size, self.encoder.context_length
         tokens = torch.randint(0, self.vocab_size, (batch_size, context), generator=gen)
         tokens[:, -1] = self.encoder.eot_id  # full-length captions: the text tower pools at the last position
-        images = torch.randn(batch_size, 3, size, size, generator=gen)
+        images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=gen)
         return {"images": images, "tokens": tokens, "skipped": 0}
 
     def flops_per_item(self, model: nn.Module) -> float:
@@ -152,7 +153,7 @@ class CLIPTask(Task):
             items = [self.val_set[i] for i in range(start, min(start + size, len(self.val_set)))]
             batch = self.to_device(collate_pairs(items), device)
             val_skipped += batch["skipped"]
-            img, txt, scale, bias = raw(batch["images"], batch["tokens"])
+            img, txt, scale, bias = raw(self.normalize(batch["images"]), batch["tokens"])
             img, txt = img.float(), txt.float()
             losses.append(self._loss(img, txt, scale, bias, gather=_identity, rank=0) * len(items))
             imgs.append(img)
@@ -168,7 +169,7 @@ class CLIPTask(Task):
         scalars["data/skipped_images"] = float(self.skipped)
         if val_skipped:
             scalars["data/skipped_val_images"] = float(val_skipped)
-        thumbs = denormalize(torch.stack([x["image"] for x in shown]), self.mean, self.std).permute(0, 2, 3, 1)
+        thumbs = torch.stack([x["image"] for x in shown]).permute(0, 2, 3, 1)
         image = _similarity_image(sim[: len(shown), : len(shown)].cpu(), thumbs.numpy())
         captions = "\n".join(f"{i}: {x['caption']}" for i, x in enumerate(shown))
         return EvalResult(scalars, texts={"val/similarity_captions": captions}, images={"val/similarity": image})
@@ -186,7 +187,7 @@ class CLIPTask(Task):
         logits = []
         for start in range(0, len(items), size):
             images = torch.stack([self.transform(image) for image, _ in items[start : start + size]])
-            logits.append(model.encode_image(images.to(device)).float() @ class_emb.T)
+            logits.append(model.encode_image(self.normalize(images.to(device))).float() @ class_emb.T)
         labels = torch.tensor([label for _, label in items], device=device)
         top = torch.cat(logits).topk(min(5, len(class_emb)), dim=1).indices
         hit1 = top[:, 0] == labels

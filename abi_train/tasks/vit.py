@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from abi_train.checkpoint import load_meta
-from abi_train.data.augment import EvalTransform, TrainTransform, denormalize, mixup_cutmix
+from abi_train.data.augment import EvalTransform, Normalize, TrainTransform, draw_mix
 from abi_train.data.images import collate_images, open_image_data, split_off
 from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.data.synthetic import ShapesDataset
@@ -75,8 +75,9 @@ class WithPositions:
 
 
 class TrainCollate:
-    """Stack a training batch; with mixup/cutmix on, add soft ``targets`` (label smoothing folded in),
-    mixed with a generator seeded by the batch's first draw position."""
+    """Stack a training batch; with mixup/cutmix on, draw the batch's ``mix`` (applied to the images where
+    the model is) with a generator seeded by the batch's first draw position, and add the soft ``targets``
+    it gives (label smoothing folded in)."""
 
     def __init__(self, num_classes: int, mixup: float, cutmix: float, label_smoothing: float, seed: int) -> None:
         self.num_classes, self.mixup, self.cutmix = num_classes, mixup, cutmix
@@ -89,7 +90,8 @@ class TrainCollate:
             gen = torch.Generator().manual_seed(item_seed(self.seed + 1, first))
             smooth = self.label_smoothing
             targets = F.one_hot(batch["labels"], self.num_classes).float() * (1 - smooth) + smooth / self.num_classes
-            batch["images"], batch["targets"] = mixup_cutmix(batch["images"], targets, self.mixup, self.cutmix, gen)
+            mix = draw_mix(*batch["images"].shape[-2:], self.mixup, self.cutmix, gen)
+            batch["targets"], batch["mix"] = mix.targets(targets), mix
         return batch
 
 
@@ -125,12 +127,12 @@ class ViTTask(Task):
                 raise UserError(f"the classes of the data differ from those of checkpoint {artifact_dir}")
 
         self.mean, self.std = tuple(d.mean), tuple(d.std)
+        self.normalize = Normalize(self.mean, self.std)
         a = d.augment
         self.label_smoothing = float(a.label_smoothing)
-        crop_scale, crop_ratio = tuple(a.crop_scale), tuple(a.crop_ratio)
-        transform = TrainTransform(self.image_size, crop_scale, crop_ratio, a.hflip, self.mean, self.std)
+        transform = TrainTransform(self.image_size, tuple(a.crop_scale), tuple(a.crop_ratio), a.hflip)
         self.train_set = Transformed(train, transform, seed)
-        self.val_set = Transformed(val, EvalTransform(self.image_size, self.mean, self.std))
+        self.val_set = Transformed(val, EvalTransform(self.image_size))
         self.collate = TrainCollate(len(self.class_names), a.mixup, a.cutmix, self.label_smoothing, seed)
         self.skipped = 0  # unreadable training images since this process started
         self.val_skipped = 0  # unreadable images in the last validation pass
@@ -171,7 +173,10 @@ class ViTTask(Task):
         images, labels = batch["images"], batch["labels"]
         if len(labels) == 0:  # every image of this micro-batch was unreadable: a zero loss, zero gradients
             size = self.image_size
-            return model(images.new_zeros(1, 3, size, size)).sum() * 0.0, {}
+            return model(torch.zeros(1, 3, size, size, device=images.device)).sum() * 0.0, {}
+        images = self.normalize(images)
+        if "mix" in batch:
+            images = batch["mix"].images(images)
         logits = model(images).float()
         if "targets" in batch:
             return F.cross_entropy(logits, batch["targets"]), {}
@@ -183,7 +188,9 @@ class ViTTask(Task):
 
     def synthetic_batch(self, batch_size: int) -> Any:
         gen = torch.Generator().manual_seed(0)
-        images = torch.randn(batch_size, 3, self.image_size, self.image_size, generator=gen)
+        images = torch.randint(
+            0, 256, (batch_size, 3, self.image_size, self.image_size), dtype=torch.uint8, generator=gen
+        )
         labels = torch.randint(0, len(self.class_names), (batch_size,), generator=gen)
         return {"images": images, "labels": labels, "skipped": 0}
 
@@ -204,15 +211,15 @@ class ViTTask(Task):
             stats[4] += batch["skipped"]
             if len(batch["labels"]) == 0:
                 continue
-            images, labels = batch["images"].to(device), batch["labels"].to(device)
-            logits = model(images).float()
+            images, labels = batch["images"], batch["labels"].to(device)
+            logits = model(self.normalize(images.to(device))).float()
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             stats[0] += F.cross_entropy(logits, labels, reduction="sum")
             stats[1] += (top[:, 0] == labels).sum()
             stats[2] += (top == labels[:, None]).any(-1).sum()
             stats[3] += len(labels)
             if sum(len(s[0]) for s in shown) < GRID_IMAGES:
-                shown.append((images[:GRID_IMAGES].cpu(), top[:GRID_IMAGES, 0].cpu(), labels[:GRID_IMAGES].cpu()))
+                shown.append((images[:GRID_IMAGES], top[:GRID_IMAGES, 0].cpu(), labels[:GRID_IMAGES].cpu()))
         if torch_dist.is_available() and torch_dist.is_initialized():
             torch_dist.all_reduce(stats)
         loss, top1, top5, count, val_skipped, train_skipped = stats.tolist()
@@ -229,9 +236,7 @@ class ViTTask(Task):
         images = {}
         if shown and self.dist.is_main:
             grid_images, preds, labels = (torch.cat(parts)[:GRID_IMAGES] for parts in zip(*shown, strict=True))
-            images["val/predictions"] = prediction_grid(
-                denormalize(grid_images, self.mean, self.std), preds.tolist(), labels.tolist(), self.class_names
-            )
+            images["val/predictions"] = prediction_grid(grid_images, preds.tolist(), labels.tolist(), self.class_names)
         return EvalResult(scalars, images=images)
 
     def metadata(self) -> dict[str, Any]:
