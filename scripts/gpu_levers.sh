@@ -1,5 +1,5 @@
 # Issue 7 levers, one at a time, each reference re-run in the same call.
-# Device call: bash scripts/gpu_levers.sh vision|llm|autotune|loader [prefetch-only]|nobias|tune|uint8   (carry .site .whl .ref; see scripts/gpu_env.sh).
+# Device call: bash scripts/gpu_levers.sh vision|llm|autotune|loader [prefetch-only]|nobias|tune|uint8 [float32-only]   (carry .site .whl .ref; see scripts/gpu_env.sh).
 # Results: docs/PERF.md.
 source scripts/gpu_env.sh
 VIT_SHAPE="recipe=vit model=vit-b16 model.drop_path=0.0 trainer.batch_size=256 trainer.precision=bf16 trainer.compile=true"
@@ -57,7 +57,7 @@ loader)  # real runs (DataLoader workers drawing 224 px images), the next batch 
   ;;
 uint8)  # real ViT runs: float32 images from the workers (the tree before, carried as .old) vs uint8 (normalised on the GPU)
   (cd .old && real vit_float32 $RUN)
-  real vit_uint8 $RUN
+  [ "$2" = "float32-only" ] || real vit_uint8 $RUN  # the uint8 run of the first call is in PERF.md
   ;;
 tune)  # Inductor's coordinate-descent tuning of its own (pointwise, norm, reduction) kernels' block sizes
   python3 -c 'import sys, torch, torch.nn.attention as a, torch._inductor.config as c; print(sys.version.split()[0], "cudnn", torch.backends.cudnn.version(), "mix_order_reduction", c.triton.mix_order_reduction, "flash impls", getattr(a, "list_flash_attention_impls", lambda: "n/a")())' | tee -a "$OUT/env.txt"
@@ -68,7 +68,7 @@ tune)  # Inductor's coordinate-descent tuning of its own (pointwise, norm, reduc
   stamp; bench $GPT model.bias=false $LOWP
   stamp; TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 bench $GPT model.bias=false $LOWP
   ;;
-*) echo "usage: bash scripts/gpu_levers.sh vision|llm|autotune|loader [prefetch-only]|nobias|tune|uint8" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu_levers.sh vision|llm|autotune|loader [prefetch-only]|nobias|tune|uint8 [float32-only]" >&2; exit 2 ;;
 esac
 stamp end
 grep -E "Error|error:" "$OUT/log.txt" | tail -n 20
