@@ -56,6 +56,7 @@ loader)  # real runs (DataLoader workers drawing 224 px images), the next batch 
   for run in "${RUNS[@]}"; do real $run; done
   ;;
 uint8)  # real ViT runs: float32 images from the workers (the tree before, carried as .old) vs uint8 (normalised on the GPU)
+  # .old: mkdir .old && git archive 7aa05f8 abi_train configs recipes | tar -x -C .old   (carry .old too)
   (cd .old && real vit_float32 $RUN)
   [ "$2" = "float32-only" ] || real vit_uint8 $RUN  # the uint8 run of the first call is in PERF.md
   ;;
