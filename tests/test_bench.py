@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +48,16 @@ def test_bench_option_errors():
         bench.split_overrides(["bench.steps=0"])
     overrides, options = bench.split_overrides(["model=tiny", "bench.steps=5"])
     assert overrides == ["model=tiny"] and options["steps"] == 5 and options["warmup"] == 10
+
+
+def test_bench_script_is_the_bench_command(tmp_path):
+    """``python scripts/bench.py`` (the issue's spelling) runs the same command, user errors included."""
+    script = Path(__file__).parent.parent / "scripts" / "bench.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "bench.stepz=3"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "unknown bench option 'bench.stepz=3'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 # Each recipe's tiny debug size, with a small data set where the default one is large.
