@@ -104,7 +104,7 @@ class TrainTransform:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
     ) -> None:
-        self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
+        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         img = random_resized_crop(img, self.size, self.scale, self.ratio, generator)
