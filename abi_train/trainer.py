@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,13 @@ class Trainer:
             seed=cfg.trainer.seed,
             start_step=self.step,
         )
-        self.batches = iter(self.task.train_loader(sampler))
+        # Micro-batches already on the device: copied one ahead on a side stream, or as they are drawn.
+        loader = iter(self.task.train_loader(sampler))
+        move = partial(self.task.to_device, device=self.device)
         if cfg.trainer.prefetch and self.device.type == "cuda":
-            self.batches = DevicePrefetcher(self.batches, lambda b: self.task.to_device(b, self.device), self.device)
+            self.batches: Iterator[Any] = DevicePrefetcher(loader, move, self.device)
+        else:
+            self.batches = map(move, loader)
 
     def _check_same_model(self, ckpt_dir: Path) -> None:
         stored = ckpt.load_meta(ckpt_dir)["model_config"]
@@ -263,12 +268,13 @@ class Trainer:
         return final
 
     def train_step(self, batches: Iterator[Any]) -> StepOutput:
-        """One optimizer step: accumulate micro-batches, unscale, clip, skip if non-finite, update."""
+        """One optimizer step: accumulate micro-batches (already on the device), unscale, clip, skip if
+        non-finite, update."""
         tc, task = self.cfg.trainer, self.task
         step_loss = torch.zeros((), device=self.device)
         items = 0
         for micro in range(self.accumulation):
-            batch = task.to_device(next(batches), self.device)
+            batch = next(batches)
             with grad_sync(self.model, enabled=micro == self.accumulation - 1):
                 with self._autocast():
                     loss, logs = task.loss(self.model, batch)
