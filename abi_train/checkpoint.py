@@ -8,7 +8,7 @@
         tokenizer.json ...  the task's artifacts, so a checkpoint folder is self-contained
     <run_dir>/checkpoints/latest   text file naming the newest folder
 
-Nothing here executes code named in a file: models come from abi_train.models.BUILDERS only.
+Nothing here executes code named in a file: models come from abi_train.models.SPECS only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_file as st_save_file
 from safetensors.torch import save_model as st_save_model
@@ -80,6 +80,15 @@ def write_state_dict(tmp: Path, state: dict[str, torch.Tensor]) -> None:
         kept[keep] = state[keep].contiguous()
         aliases.update({other: keep for other in others})
     st_save_file(kept, str(tmp / "model.safetensors"), metadata=aliases or None)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors as a full state dict: tied names that ``write_state_dict`` stored once come back."""
+    with safe_open(str(path), framework="pt") as f:
+        aliases = f.metadata() or {}
+        state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    state |= {alias: state[kept] for alias, kept in aliases.items() if kept in state}
+    return state
 
 
 def finish_checkpoint(

@@ -42,15 +42,16 @@ def run_cli(fn: Callable[[], T]) -> T:
         sys.exit(130)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """One training run in ``run_dir`` (already created by Hydra)."""
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict[str, float]:
+    """One training run in ``run_dir`` (already created by Hydra); ``overrides`` as typed by the user."""
     from abi_train.distributed import dist_info_from_env, init_distributed
     from abi_train.tasks import task_class
     from abi_train.trainer import Trainer
+    from abi_train.weights import model_overrides
 
     dist = dist_info_from_env()
     init_distributed(dist, str(cfg.trainer.device))
-    task = task_class(cfg.task)(cfg, dist)
+    task = task_class(cfg.task)(cfg, dist, model_overrides(overrides))
     return Trainer(cfg, task, run_dir, dist).fit()
 
 
@@ -72,9 +73,10 @@ def main() -> None:
 
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
     def _hydra_main(cfg: DictConfig) -> float | None:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
-            summary = run_cli(lambda: train(cfg, run_dir))
+            summary = run_cli(lambda: train(cfg, run_dir, list(hydra_cfg.overrides.task)))
         except SystemExit:
             if dist_info_from_env().is_main:  # the run dir is shared by all ranks
                 _remove_if_unused(run_dir)

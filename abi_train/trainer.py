@@ -42,6 +42,7 @@ from abi_train.models.layers import ATTENTION_KERNELS, pin_attention_kernel
 from abi_train.optim import build_optimizer, build_scheduler
 from abi_train.tasks.base import Task
 from abi_train.utils import pick_device, rng_state, seed_everything, set_rng_state
+from abi_train.weights import load_pretrained, load_pretrained_weights
 
 
 @dataclass
@@ -142,6 +143,11 @@ class Trainer:
                     "pass hydra.run.dir=<the run dir to continue>"
                 )
         seed_everything(cfg.trainer.seed + dist.rank)
+        # On resume the source still gives the shape and inputs (the same command resumes); its weights
+        # are not read.
+        pretrained = load_pretrained(cfg.init_from) if cfg.init_from else None
+        if pretrained is not None:
+            self.task.use_pretrained(pretrained)
         self.task.setup(self.resume_from)
         self.model_config = self.task.model_config()
         raw = build_model(self.model_config).to(self.device)
@@ -151,9 +157,8 @@ class Trainer:
         if self.resume_from is not None:
             self._check_same_model(self.resume_from)
             ckpt.load_weights(raw, self.resume_from)
-        elif cfg.init_from:
-            source = ckpt.resolve_checkpoint(cfg.init_from)
-            ckpt.load_weights(raw, source)
+        elif pretrained is not None:
+            load_pretrained_weights(raw, pretrained)
         # Before the optimizer: FSDP2 shards raw in place (its parameters become DTensors).
         self.model = wrap_model(raw, cfg.trainer, dist, self.device)
         self.raw_model = raw

@@ -202,7 +202,7 @@ def test_shard_errors(tmp_path: Path, tok: Tokenizer, capsys: pytest.CaptureFixt
     other = Tokenizer.train(DOCS, vocab_size=290)
     other.save(tmp_path / "other.json")
     with pytest.raises(UserError, match="is not the one the shards"):
-        load_shards(tmp_path / "s", tmp_path / "other.json")
+        load_shards(tmp_path / "s", other)
     shard = tmp_path / "s" / "train_001.bin"
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(UserError, match="truncated"):

@@ -30,7 +30,11 @@ HELD_OUT = {(COLOR_NAMES[(3 * i + 1) % len(COLOR_NAMES)], s) for i, s in enumera
 TEMPLATES = ["a photo of {}.", "a drawing of {}.", "a picture of {}.", "{}."]
 RELATIONS = {"above": (0, -1), "below": (0, 1), "left of": (-1, 0), "right of": (1, 0)}
 # Side of a shape as a fraction of the image: alone, or as one of two (each in its own half).
-SIZES = {1: {"small": (0.3, 0.42), "large": (0.52, 0.68)}, 2: {"small": (0.22, 0.3), "large": (0.36, 0.46)}}
+SIZES = {1: {"small": (0.42, 0.56), "large": (0.62, 0.8)}, 2: {"small": (0.28, 0.34), "large": (0.38, 0.44)}}
+# Fraction of training and validation scenes with one shape (zero-shot images always have one).
+ONE_SHAPE = 0.75
+# Mean grey level of the backgrounds: dark, so every colour is brighter than its surroundings.
+BRIGHTNESS = (15.0, 80.0)
 _SPLITS = {"train": 0, "val": 1, "zero_shot": 2}
 
 
@@ -61,10 +65,12 @@ def _things(rng: np.random.Generator, combos: list[tuple[str, str]], count: int)
 
 def _render(rng: np.random.Generator, size: int, things: list[Thing], relation: str | None) -> torch.Tensor:
     """Draw the scene on a random background: uint8 (3, size, size)."""
-    image = random_background(rng, size)
+    image = random_background(rng, size, brightness=BRIGHTNESS)
     draw = ImageDraw.Draw(image)
+    halves = [rng.uniform(*SIZES[len(things)][t.size]) / 2 for t in things]
     if relation is None:
-        centres = [rng.uniform(0.3, 0.7, 2) * size]
+        # Anywhere the whole box fits.
+        centres = [rng.uniform(halves[0], 1 - halves[0], 2) * size]
     else:
         # The first shape sits in the half the relation names, the second in the opposite half;
         # both share a random position on the other axis. Two large shapes still do not overlap.
@@ -77,8 +83,8 @@ def _render(rng: np.random.Generator, size: int, things: list[Thing], relation: 
             return (np.array([x, y]) + rng.uniform(-0.03, 0.03, 2)) * size
 
         centres = [centre(1), centre(-1)]
-    for t, (cx, cy) in zip(things, centres, strict=True):
-        half = rng.uniform(*SIZES[len(things)][t.size]) * size / 2
+    for t, half, (cx, cy) in zip(things, halves, centres, strict=True):
+        half *= size
         box = (cx - half, cy - half, cx + half, cy + half)
         draw_shape(draw, t.shape, COLORS[t.color], box, angle=rng.uniform(-15, 15))
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
@@ -110,7 +116,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
 
     def _scene(self, index: int) -> tuple[np.random.Generator, list[Thing], str | None, str]:
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], index])
-        things = _things(rng, self.combos, 1 if rng.random() < 0.5 else 2)
+        things = _things(rng, self.combos, 1 if rng.random() < ONE_SHAPE else 2)
         relation = list(RELATIONS)[rng.integers(len(RELATIONS))] if len(things) == 2 else None
         desc = things[0].phrase() if relation is None else f"{things[0].phrase()} {relation} {things[1].phrase()}"
         return rng, things, relation, TEMPLATES[rng.integers(len(TEMPLATES))].format(desc)

@@ -127,7 +127,7 @@ class ShardData:
     meta: dict
 
 
-def load_shards(path: str | Path, tokenizer_path: str | Path | None = None) -> ShardData:
+def load_shards(path: str | Path, tokenizer: Tokenizer | None = None) -> ShardData:
     """Open a shard folder memory-mapped. The tokenizer defaults to the folder's copy and must be the
     one the shards were written with (checked by hash)."""
     root = Path(path)
@@ -139,9 +139,9 @@ def load_shards(path: str | Path, tokenizer_path: str | Path | None = None) -> S
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != SHARD_FORMAT:
         raise UserError(f"{meta_path}: unknown shard format {meta.get('format')!r}; expected {SHARD_FORMAT}")
-    tokenizer = Tokenizer.load(tokenizer_path or root / "tokenizer.json")
+    tokenizer = tokenizer or Tokenizer.load(root / "tokenizer.json")
     if tokenizer.fingerprint != meta["tokenizer_sha256"]:
-        raise UserError(f"tokenizer {tokenizer_path} is not the one the shards in {root} were written with")
+        raise UserError(f"the run's tokenizer is not the one the shards in {root} were written with")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
 
     def open_split(split: str) -> list[np.ndarray]:

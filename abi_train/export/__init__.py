@@ -1,10 +1,10 @@
-"""GGUF export: one entry point, one name-map module per family (see gguf_common for the module shape)."""
+"""GGUF export: one entry point; the name map comes from the model's architecture (``models.SPECS[arch].gguf``,
+see gguf_common for the module shape), so a checkpoint exports the same way whatever objective trained it."""
 
 from __future__ import annotations
 
 import logging
 import os
-from importlib import import_module
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,22 +15,15 @@ from torch import nn
 from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
 from abi_train.errors import UserError
 from abi_train.export.gguf_common import add_general, add_tensors, check_outtype
-
-# family (meta.json "family") -> its name-map module.
-FAMILIES = {
-    "llm": "abi_train.export.gguf_llm",
-    "vit": "abi_train.export.gguf_vit",
-    "clip": "abi_train.export.gguf_clip",
-}
+from abi_train.models import model_spec
 
 # gguf's writer logs its file plan (naming our temp file) at INFO: noise in a training log.
 logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
 
 
-def family_module(family: str | None) -> ModuleType:
-    if family not in FAMILIES:
-        raise UserError(f"cannot export family {family!r} to GGUF; supported: {', '.join(FAMILIES)}")
-    return import_module(FAMILIES[family])
+def gguf_adapter(model_config: dict[str, Any]) -> ModuleType:
+    """The GGUF name-map module of a model config's architecture."""
+    return model_spec(model_config.get("arch")).adapter("gguf")
 
 
 def export_gguf(
@@ -45,7 +38,7 @@ def export_gguf(
     The file appears only complete: it is written to ``<out>.tmp-<pid>`` beside it, then renamed.
     """
     outtype = check_outtype(outtype)
-    fam = family_module(meta.get("family"))
+    fam = gguf_adapter(model.config)
     out = Path(out_path)
     if not out.parent.is_dir():
         raise UserError(f"output directory does not exist: {out.parent}")
@@ -75,6 +68,6 @@ def export_checkpoint(path: str | Path, out_path: str | Path, outtype: str = "f1
     """Export a checkpoint folder (or a run dir's latest checkpoint) to GGUF."""
     outtype = check_outtype(outtype)
     ckpt = resolve_checkpoint(path)
-    family_module(load_meta(ckpt).get("family"))  # fail on an unknown family before loading weights
+    gguf_adapter(load_meta(ckpt)["model_config"])  # fail on an unknown architecture before loading weights
     model, meta = load_model(ckpt, device="cpu")
     return export_gguf(model, meta, ckpt / "tokenizer.json", out_path, outtype)

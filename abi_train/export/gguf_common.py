@@ -92,6 +92,7 @@ def add_general(writer: GGUFWriter, name: str, meta: dict[str, Any], outtype: st
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_string("abi_train.version", str(meta.get("abi_train_version", __version__)))
     writer.add_string("abi_train.family", meta["family"])
+    writer.add_string("abi_train.arch", meta["model_config"]["arch"])
     if meta.get("step") is not None:
         writer.add_uint64("abi_train.step", int(meta["step"]))
 

@@ -7,7 +7,6 @@ registry, so a crafted file can only pick among known architectures.
 
 from __future__ import annotations
 
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,8 @@ from torch import nn
 
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
-from abi_train.export import FAMILIES
 from abi_train.export.gguf_common import tokenizer_from_gguf
-from abi_train.models import build_model
+from abi_train.models import SPECS, build_model
 
 # Large arrays that come back as the Tokenizer instead of in the metadata dict.
 _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
@@ -57,11 +55,14 @@ def read_gguf(path: str | Path) -> tuple[nn.Module, Tokenizer | None, dict[str, 
 
 
 def _family_module(kv: dict[str, Any]) -> Any:
-    """Our own files name their family; other producers' files are matched by architecture."""
+    """Our own files name their model's arch (older ones its task family); other producers' files are
+    matched by general.architecture."""
     arch = kv.get("general.architecture")
-    family = kv.get("abi_train.family")
-    for name, module in FAMILIES.items():
-        mod = import_module(module)
-        if name == family or (family is None and arch in mod.ARCHITECTURES):
+    ours, family = kv.get("abi_train.arch"), kv.get("abi_train.family")
+    for spec in SPECS.values():
+        mod = spec.adapter("gguf")
+        if ours == spec.arch or (ours is None and family == spec.task):
+            return mod
+        if ours is None and family is None and arch in mod.ARCHITECTURES:
             return mod
     raise UserError(f"GGUF architecture {arch!r} (family {family!r}) is not one abi_train can rebuild")

@@ -1,27 +1,53 @@
-"""Builder registry. Models are rebuilt only from this fixed table, never from a class path read
-from a file, so loading a checkpoint or GGUF someone else made cannot run their code."""
+"""What each model architecture knows about itself, keyed by ``arch`` (the ``model.arch`` config key).
+
+Models are rebuilt only from this fixed table, never from a class path read from a file, so loading a
+checkpoint, a Hugging Face folder or a GGUF file someone else made cannot run their code. Export and
+import look the adapters up here too, so any checkpoint of an architecture exports and generates the
+same way, whatever objective trained it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import import_module
+from types import ModuleType
 from typing import Any
 
 from torch import nn
 
 from abi_train.errors import UserError
 
-BUILDERS = {
-    "gpt": "abi_train.models.gpt:build_gpt",
-    "vit": "abi_train.models.vit:build_vit",
-    "clip": "abi_train.models.clip:build_clip",
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    builder: str  # "module:function" building the model from its config kwargs
+    gguf: str  # module with the GGUF name map and hyperparameters (abi_train/export/gguf_*.py)
+    hf: str  # module with the Hugging Face adapter (abi_train/hf/*.py)
+    task: str  # the task that trains it from scratch (its data and objective)
+
+    def adapter(self, kind: str) -> ModuleType:
+        """The ``gguf`` or ``hf`` adapter module."""
+        return import_module(getattr(self, kind))
+
+
+SPECS = {
+    "gpt": ModelSpec("gpt", "abi_train.models.gpt:build_gpt", "abi_train.export.gguf_llm", "abi_train.hf.llm", "llm"),
+    "vit": ModelSpec("vit", "abi_train.models.vit:build_vit", "abi_train.export.gguf_vit", "abi_train.hf.vit", "vit"),
+    "clip": ModelSpec(
+        "clip", "abi_train.models.clip:build_clip", "abi_train.export.gguf_clip", "abi_train.hf.clip", "clip"
+    ),
 }
+
+
+def model_spec(arch: str | None) -> ModelSpec:
+    if arch not in SPECS:
+        raise UserError(f"unknown model arch {arch!r}; valid: {', '.join(sorted(SPECS))}")
+    return SPECS[arch]
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """Build a model from plain kwargs; ``config["arch"]`` picks the builder."""
     kwargs = dict(config)
-    arch = kwargs.pop("arch", None)
-    if arch not in BUILDERS:
-        raise UserError(f"unknown model arch {arch!r}; valid: {', '.join(sorted(BUILDERS))}")
-    module, fn = BUILDERS[arch].split(":")
+    module, fn = model_spec(kwargs.pop("arch", None)).builder.split(":")
     return getattr(import_module(module), fn)(**kwargs)

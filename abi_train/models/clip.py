@@ -35,12 +35,13 @@ class TextTransformer(nn.Module):
         heads: int,
         mlp_ratio: float,
         norm_eps: float,
+        act: str = "gelu",
     ) -> None:
         super().__init__()
         self.token_embd = nn.Embedding(vocab_size, width)
         self.position_embd = nn.Parameter(torch.empty(context_length, width))
         self.blocks = nn.ModuleList(
-            Block(width, heads, int(width * mlp_ratio), norm="layernorm", norm_eps=norm_eps, mlp="gelu", causal=True)
+            Block(width, heads, int(width * mlp_ratio), norm="layernorm", norm_eps=norm_eps, mlp=act, causal=True)
             for _ in range(layers)
         )
         self.post_ln = nn.LayerNorm(width, eps=norm_eps)
@@ -72,6 +73,7 @@ class CLIP(nn.Module):
         mlp_ratio: float = 4.0,
         norm_eps: float = 1e-5,
         loss: str = "clip",
+        act: str = "gelu",  # both towers' GELU: gelu | gelu_tanh | quick_gelu (OpenAI's CLIP weights)
         name: str = "clip",
     ) -> None:
         super().__init__()
@@ -84,17 +86,17 @@ class CLIP(nn.Module):
             image_size=image_size, patch_size=patch_size, vision_width=vision_width,
             vision_layers=vision_layers, vision_heads=vision_heads, context_length=context_length,
             text_width=text_width, text_layers=text_layers, text_heads=text_heads, mlp_ratio=mlp_ratio,
-            norm_eps=norm_eps, loss=loss,
+            norm_eps=norm_eps, loss=loss, act=act,
         )  # fmt: skip
         self.eot_id = eot_id
         self.context_length = context_length
         # OpenAI CLIP's image tower: LayerNorm before the blocks, class-token pooling, no conv bias.
         self.vision = VisionTransformer(
             image_size, patch_size, vision_width, vision_layers, vision_heads, mlp_ratio=mlp_ratio,
-            num_classes=0, pool="cls", pre_norm=True, patch_bias=False, norm_eps=norm_eps,
+            num_classes=0, pool="cls", pre_norm=True, patch_bias=False, norm_eps=norm_eps, act=act,
         )  # fmt: skip
         self.text = TextTransformer(
-            vocab_size, context_length, text_width, text_layers, text_heads, mlp_ratio, norm_eps
+            vocab_size, context_length, text_width, text_layers, text_heads, mlp_ratio, norm_eps, act
         )
         self.visual_projection = nn.Linear(vision_width, embed_dim, bias=False)
         self.text_projection = nn.Linear(text_width, embed_dim, bias=False)

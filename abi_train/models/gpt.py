@@ -2,7 +2,9 @@
 
 - ``gpt2``: LayerNorm, learned positions (``pos_embd``), GELU (tanh approximation, as llama.cpp
   computes it) MLP, biases everywhere (or, with ``bias=False``, nowhere: nanoGPT's default), tied embeddings.
-- ``llama``: RMSNorm, rotate-half RoPE, SwiGLU MLP, grouped-query attention, no biases.
+- ``llama``: RMSNorm, rotate-half RoPE (optionally scaled: Llama 3.1's ``llama3``, ``linear``), SwiGLU MLP,
+  grouped-query attention, no biases (``attention_bias``: q/k/v/o biases, as HF Llama's option).
+- ``qwen2``: llama with biases on the q/k/v projections only (Qwen2/2.5).
 
 Parameter names (``tok_embd``, ``pos_embd``, ``blocks.N.*``, ``norm_f``, ``lm_head``) are what the
 checkpoint stores and what ``abi_train.export.gguf_llm`` maps to llama.cpp's names.
@@ -19,23 +21,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from abi_train.errors import UserError
-from abi_train.models.layers import Block, make_norm, rope_cache
+from abi_train.models.layers import ROPE_SCALINGS, Block, make_norm, rope_cache
 
-STYLES = ("llama", "gpt2")
+STYLES = ("llama", "qwen2", "gpt2")
+ROTARY_STYLES = ("llama", "qwen2")  # RMSNorm, RoPE, SwiGLU; no position table
 
 
 @dataclass
 class GPTConfig:
-    style: str = "llama"  # llama | gpt2
+    style: str = "llama"  # llama | qwen2 | gpt2
     vocab_size: int | None = None  # embedding rows; the LLM task fills null from the tokenizer
     context_length: int = 128  # longest sequence; sizes gpt2's position table and the RoPE cache
     n_layer: int = 2
     n_head: int = 4
     n_kv_head: int | None = None  # key/value heads (GQA); None = n_head
     d_model: int = 64
+    head_dim: int | None = None  # None: d_model / n_head
     ffn_hidden: int | None = None  # None: gpt2 4*d; llama 8/3*d rounded up to a multiple of 64
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0  # RoPE base (llama style only)
+    rope_theta: float = 10000.0  # RoPE base (llama/qwen2 styles)
+    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3" | "linear", "factor": ..., ...} (HF's keys)
+    attention_bias: bool = False  # llama style: biases on q/k/v/o (HF Llama's attention_bias)
     tie_embeddings: bool = True  # lm_head shares tok_embd's weight
     bias: bool | None = None  # biases in linears and LayerNorms; None: the style's (gpt2 yes, llama no)
     dropout: float = 0.0
@@ -50,17 +56,26 @@ class GPTConfig:
             if getattr(self, key) <= 0:
                 raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer")
         self.n_kv_head = self.n_kv_head or self.n_head
-        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+        if (self.head_dim is None and self.d_model % self.n_head) or self.n_head % self.n_kv_head:
             raise UserError(
-                f"model.d_model={self.d_model} must divide by n_head={self.n_head}, "
+                f"model.d_model={self.d_model} must divide by n_head={self.n_head} (or set model.head_dim), "
                 f"and n_head by n_kv_head={self.n_kv_head}"
             )
-        if self.style == "llama" and (self.d_model // self.n_head) % 2:
-            raise UserError(f"model: RoPE needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
+        self.head_dim = self.head_dim or self.d_model // self.n_head
+        rotary = self.style in ROTARY_STYLES
+        if rotary and self.head_dim % 2:
+            raise UserError(f"model: RoPE needs an even head size, got head_dim={self.head_dim}")
+        if not rotary and (self.head_dim * self.n_head != self.d_model or self.rope_scaling or self.attention_bias):
+            raise UserError("model.head_dim, rope_scaling and attention_bias are for the llama and qwen2 styles")
+        kind = (self.rope_scaling or {}).get("type")
+        if kind is not None and kind not in ROPE_SCALINGS:
+            raise UserError(f"model.rope_scaling.type={kind!r} is not supported; valid: {', '.join(ROPE_SCALINGS)}")
         if self.bias is None:
             self.bias = self.style == "gpt2"
-        elif self.bias and self.style == "llama":
-            raise UserError("model.bias=true is not supported for style=llama (llama.cpp's llama has no biases)")
+        elif self.bias and rotary:
+            raise UserError(
+                f"model.bias=true is not supported for style={self.style} (use attention_bias for q/k/v/o biases)"
+            )
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.d_model if self.style == "gpt2" else 64 * math.ceil(8 * self.d_model / 3 / 64)
 
@@ -69,7 +84,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        llama = cfg.style == "llama"
+        llama = cfg.style in ROTARY_STYLES
         self.tok_embd = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if not llama:
             self.pos_embd = nn.Embedding(cfg.context_length, cfg.d_model)
@@ -85,6 +100,9 @@ class GPT(nn.Module):
                 mlp="swiglu" if llama else "gelu_tanh",
                 bias=cfg.bias,
                 dropout=cfg.dropout,
+                head_dim=cfg.head_dim,
+                qkv_bias=cfg.bias or cfg.attention_bias or cfg.style == "qwen2",
+                proj_bias=cfg.bias or cfg.attention_bias,
             )
             for _ in range(cfg.n_layer)
         )
@@ -93,7 +111,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embd.weight
         # Recomputed on load (non-persistent), so checkpoints hold weights only.
-        rope = rope_cache(cfg.context_length, cfg.d_model // cfg.n_head, cfg.rope_theta) if llama else None
+        rope = rope_cache(cfg.context_length, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if llama else None
         self.register_buffer("rope", rope, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2*n_layer) so the residual stream's
@@ -131,7 +149,7 @@ class GPT(nn.Module):
         """
         c = self.cfg
         n = sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
-        return 6 * n + 12 * c.n_layer * c.d_model * c.context_length
+        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.context_length
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids ``idx`` (B, T); with ``targets``, the mean cross entropy

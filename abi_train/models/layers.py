@@ -7,6 +7,7 @@ families differ only in the options below (norm, MLP kind, biases, causal mask, 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +43,41 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}; valid: layernorm, rmsnorm")
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """The head_dim/2 RoPE inverse frequencies, with Hugging Face's ``rope_scaling`` applied:
+    ``linear`` divides every frequency by ``factor``; ``llama3`` (Llama 3.1+) divides the low frequencies
+    by ``factor``, keeps the high ones and interpolates between (``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings``)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("type")
+    if kind is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"unknown rope scaling {kind!r}; valid: {', '.join(ROPE_SCALINGS)}")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_cache(
+    seq_len: int, head_dim: int, theta: float, scaling: dict | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """cos/sin table of shape (2, seq_len, head_dim) for the rotate-half (HF/NeoX) RoPE convention.
 
     llama.cpp's ``llama`` architecture rotates adjacent pairs instead; the GGUF exporter permutes the
     Q and K rows per head so both conventions compute the same attention.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = rope_frequencies(head_dim, theta, scaling).to(device)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return torch.stack([angles.cos(), angles.sin()])
@@ -62,7 +91,11 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with one fused QKV projection; grouped-query when n_kv_head < n_head."""
+    """Multi-head attention with one fused QKV projection; grouped-query when n_kv_head < n_head.
+
+    ``head_dim`` defaults to d_model / n_head (some models set it apart, e.g. Gemma); ``qkv_bias`` and
+    ``proj_bias`` default to ``bias`` (Qwen2 has biases on q/k/v only).
+    """
 
     def __init__(
         self,
@@ -72,17 +105,21 @@ class Attention(nn.Module):
         bias: bool = True,
         causal: bool = True,
         dropout: float = 0.0,
+        head_dim: int | None = None,
+        qkv_bias: bool | None = None,
+        proj_bias: bool | None = None,
     ) -> None:
         super().__init__()
         n_kv_head = n_kv_head or n_head
-        if d_model % n_head or n_head % n_kv_head:
+        if (head_dim is None and d_model % n_head) or n_head % n_kv_head:
             raise ValueError(f"d_model={d_model}, n_head={n_head}, n_kv_head={n_kv_head} do not divide")
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim or d_model // n_head
         self.causal, self.dropout = causal, dropout
         self.kernels: list[SDPBackend] | None = None  # None: PyTorch picks; see pin_attention_kernel
         # Rows: [q (n_head*hd) | k (n_kv_head*hd) | v (n_kv_head*hd)]
-        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias if proj_bias is None else proj_bias)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -108,13 +145,19 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+MLP_KINDS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")
+
+
 class MLP(nn.Module):
-    """GELU MLP (``fc`` -> GELU -> ``proj``) or SwiGLU (``down(silu(gate(x)) * up(x))``)."""
+    """GELU MLP (``fc`` -> GELU -> ``proj``) or SwiGLU (``down(silu(gate(x)) * up(x))``).
+
+    GELU comes exact (``gelu``), in the tanh form (``gelu_tanh``, GPT-2) or as OpenAI CLIP's
+    ``quick_gelu``, x * sigmoid(1.702 x)."""
 
     def __init__(self, d_model: int, hidden: int, kind: str = "gelu", bias: bool = True) -> None:
         super().__init__()
-        if kind not in ("gelu", "gelu_tanh", "swiglu"):
-            raise ValueError(f"unknown mlp {kind!r}; valid: gelu, gelu_tanh, swiglu")
+        if kind not in MLP_KINDS:
+            raise ValueError(f"unknown mlp {kind!r}; valid: {', '.join(MLP_KINDS)}")
         self.kind = kind
         if kind == "swiglu":
             self.gate = nn.Linear(d_model, hidden, bias=bias)
@@ -127,8 +170,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             return self.down(F.silu(self.gate(x)) * self.up(x))
-        approximate = "tanh" if self.kind == "gelu_tanh" else "none"
-        return self.proj(F.gelu(self.fc(x), approximate=approximate))
+        h = self.fc(x)
+        if self.kind == "quick_gelu":
+            return self.proj(h * torch.sigmoid(1.702 * h))
+        return self.proj(F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none"))
 
 
 class DropPath(nn.Module):
@@ -161,12 +206,18 @@ class Block(nn.Module):
         causal: bool = True,
         dropout: float = 0.0,
         drop_path: float = 0.0,
+        head_dim: int | None = None,
+        qkv_bias: bool | None = None,
+        proj_bias: bool | None = None,
+        mlp_bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = make_norm(norm, d_model, norm_eps, bias)
-        self.attn = Attention(d_model, n_head, n_kv_head, bias=bias, causal=causal, dropout=dropout)
+        self.attn = Attention(
+            d_model, n_head, n_kv_head, bias, causal, dropout, head_dim=head_dim, qkv_bias=qkv_bias, proj_bias=proj_bias
+        )
         self.norm2 = make_norm(norm, d_model, norm_eps, bias)
-        self.mlp = MLP(d_model, ffn_hidden, kind=mlp, bias=bias)
+        self.mlp = MLP(d_model, ffn_hidden, kind=mlp, bias=bias if mlp_bias is None else mlp_bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 

@@ -19,6 +19,8 @@ from torch import nn
 from abi_train.errors import UserError
 from abi_train.models.layers import Block
 
+GELUS = ("gelu", "gelu_tanh", "quick_gelu")
+
 
 class VisionTransformer(nn.Module):
     def __init__(
@@ -37,6 +39,7 @@ class VisionTransformer(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,  # stochastic depth of the last block; earlier blocks scale linearly from 0
         in_chans: int = 3,
+        act: str = "gelu",  # the MLP's GELU: gelu (exact) | gelu_tanh | quick_gelu (OpenAI CLIP)
         name: str = "vit",  # free text, written into GGUF's general.name
     ) -> None:
         super().__init__()
@@ -44,6 +47,8 @@ class VisionTransformer(nn.Module):
             raise UserError(f"model.image_size={image_size} is not divisible by model.patch_size={patch_size}")
         if pool not in ("cls", "avg"):
             raise UserError(f"model.pool={pool!r} is not valid; valid: cls, avg")
+        if act not in GELUS:
+            raise UserError(f"model.act={act!r} is not valid; valid: {', '.join(GELUS)}")
         if width % heads:
             raise UserError(f"model.width={width} is not divisible by model.heads={heads}")
         self.config: dict[str, Any] = dict(
@@ -63,6 +68,7 @@ class VisionTransformer(nn.Module):
             dropout=dropout,
             drop_path=drop_path,
             in_chans=in_chans,
+            act=act,
         )
         self.image_size, self.pool = image_size, pool
         self.num_patches = (image_size // patch_size) ** 2
@@ -79,7 +85,7 @@ class VisionTransformer(nn.Module):
                 int(width * mlp_ratio),
                 norm="layernorm",
                 norm_eps=norm_eps,
-                mlp="gelu",
+                mlp=act,
                 bias=True,
                 causal=False,
                 dropout=dropout,

@@ -21,6 +21,7 @@ from torch import nn
 from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
+from abi_train.weights import Pretrained, merge_model_config
 
 
 @dataclass
@@ -36,9 +37,15 @@ class Task(ABC):
     # Contrastive losses see negatives only inside a micro-batch, so CLIP refuses accumulation.
     supports_accumulation: ClassVar[bool] = True
 
-    def __init__(self, cfg: DictConfig, dist: DistInfo) -> None:
+    def __init__(self, cfg: DictConfig, dist: DistInfo, model_overrides: frozenset[str] = frozenset()) -> None:
         self.cfg = cfg
         self.dist = dist
+        self.model_overrides = model_overrides  # model.* keys set on the command line
+        self.pretrained: Pretrained | None = None
+
+    def use_pretrained(self, pretrained: Pretrained) -> None:
+        """Start from ``pretrained`` (init_from): its shape, tokenizer and input facts. Before ``setup``."""
+        self.pretrained = pretrained
 
     # --- setup -------------------------------------------------------------------------------
     @abstractmethod
@@ -78,9 +85,15 @@ class Task(ABC):
         """Validation metrics and media. Called on every rank; only rank 0's result is logged."""
 
     def model_options(self, arch: str) -> dict[str, Any]:
-        """The resolved ``model`` config as plain kwargs, checked to be of this task's ``arch``."""
+        """The resolved ``model`` config as plain kwargs, checked to be of this task's ``arch``; with
+        init_from, the source's config (its shape) with the run's tunable options."""
         config = OmegaConf.to_container(self.cfg.model, resolve=True)
         assert isinstance(config, dict)
+        if self.pretrained is not None:
+            config["arch"] = arch
+            return merge_model_config(
+                self.pretrained.model_config, config, self.model_overrides, str(self.pretrained.path)
+            )
         config.setdefault("arch", arch)
         if config["arch"] != arch:
             raise UserError(

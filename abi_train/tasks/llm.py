@@ -36,22 +36,31 @@ class LLMTask(Task):
     unit: ClassVar[str] = "tokens"
 
     def setup(self, artifact_dir: Path | None) -> None:
-        d = self.cfg.data
+        d, source = self.cfg.data, self.pretrained
         self.seq_len = int(d.seq_len)
-        context = self.cfg.model.get("context_length")
+        context = (source.model_config if source else self.cfg.model).get("context_length")
         if context is not None and self.seq_len > context:
             raise UserError(f"data.seq_len={self.seq_len} is larger than model.context_length={context}")
         if self.seq_len < 1:
             raise UserError(f"data.seq_len must be a positive integer, got {self.seq_len}")
         tokenizer_path = d.get("tokenizer")
+        tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
+        if source is not None:
+            if source.tokenizer is None:
+                raise UserError(f"init_from={source.path} holds no tokenizer (tokenizer.json), which an LLM needs")
+            if tokenizer is not None and tokenizer.fingerprint != source.tokenizer.fingerprint:
+                raise UserError(
+                    f"data.tokenizer={tokenizer_path} differs from the tokenizer of init_from={source.path}"
+                )
+            tokenizer = source.tokenizer
         if artifact_dir is not None and (Path(artifact_dir) / "tokenizer.json").is_file():
-            tokenizer_path = Path(artifact_dir) / "tokenizer.json"  # resume: the run's own tokenizer
+            tokenizer = Tokenizer.load(Path(artifact_dir) / "tokenizer.json")  # resume: the run's own tokenizer
 
         with main_first(self.dist):
             if d.name == "shards":
                 if not d.get("path"):
                     raise UserError("data=shards needs data.path=DIR (a folder from scripts/make_token_shards.py)")
-                shards = load_shards(d.path, tokenizer_path)
+                shards = load_shards(d.path, tokenizer)
                 train, val, self.tokenizer = shards.train, shards.val, shards.tokenizer
             elif d.name == "text":
                 files = d.files
@@ -59,7 +68,7 @@ class LLMTask(Task):
                     OmegaConf.to_container(files) if OmegaConf.is_config(files) else files,
                     d.text_field,
                     float(d.val_fraction),
-                    Tokenizer.load(tokenizer_path) if tokenizer_path else None,
+                    tokenizer,
                     int(d.vocab_size),
                     d.get("cache_dir"),
                 )
@@ -67,7 +76,9 @@ class LLMTask(Task):
             else:
                 raise UserError(f"data={d.name!r} is not LLM data; use data=text or data=shards")
 
-        self.vocab_size = self.cfg.model.get("vocab_size") or 64 * math.ceil(self.tokenizer.vocab_size / 64)
+        self.vocab_size = (source.model_config if source else self.cfg.model).get("vocab_size") or 64 * math.ceil(
+            self.tokenizer.vocab_size / 64
+        )
         if self.tokenizer.vocab_size > self.vocab_size:
             raise UserError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than "

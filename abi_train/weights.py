@@ -1,0 +1,133 @@
+"""Where a run's starting weights come from: ``init_from=PATH``.
+
+PATH is an abi_train checkpoint (or run dir), a Hugging Face model folder (``config.json`` or, for
+open_clip, ``open_clip_config.json``, beside the weights) or a GGUF file. Each source gives the same
+``Pretrained``: the model's config (its shape, which then comes from PATH and not from the ``model``
+group), the weights in abi_train's names, the tokenizer and what the source says about its inputs
+(class names, image normalisation).
+
+The architecture adapters that translate names and configs live with the models (``models.SPECS``);
+this module only decides which source PATH is and merges its config with the run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from abi_train.data.tokenizer import Tokenizer
+from abi_train.errors import UserError
+
+# Model options that do not change the shape of the weights: the run's config keeps them.
+TUNABLE = frozenset({"dropout", "drop_path", "name"})
+
+
+@dataclass
+class Pretrained:
+    kind: str  # "checkpoint" | "hf" | "gguf"
+    path: Path
+    model_config: dict[str, Any]  # builder kwargs, "arch" included
+    load_weights: Callable[[], dict[str, torch.Tensor]]  # abi_train's names; read only when training starts
+    tokenizer: Tokenizer | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # class_names, image_mean, image_std, ...
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.path}"
+
+
+def load_pretrained(path: str | Path) -> Pretrained:
+    """Recognise PATH as a GGUF file, a Hugging Face folder or an abi_train checkpoint."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"init_from={str(path)!r} does not exist")
+    if path.is_file():
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise UserError(
+                f"init_from={str(path)!r} is a file but not a GGUF file; "
+                "pass a .gguf file, a Hugging Face model folder or an abi_train run dir / checkpoint"
+            )
+        from abi_train.export.reader import load_gguf
+
+        return load_gguf(path)
+    if (path / "meta.json").is_file() or (path / "checkpoints").is_dir():
+        return from_checkpoint(path)
+    from abi_train.hf import load_hf_folder
+
+    return load_hf_folder(path)
+
+
+def from_checkpoint(path: Path) -> Pretrained:
+    from abi_train.checkpoint import load_meta, read_state_dict, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    meta = load_meta(ckpt)
+    tokenizer = Tokenizer.load(ckpt / "tokenizer.json") if (ckpt / "tokenizer.json").is_file() else None
+    return Pretrained(
+        "checkpoint",
+        ckpt,
+        dict(meta["model_config"]),
+        lambda: read_state_dict(ckpt / "model.safetensors"),
+        tokenizer,
+        dict(meta.get("metadata") or {}),
+    )
+
+
+def merge_model_config(
+    source: dict[str, Any], requested: dict[str, Any], explicit: Iterable[str], origin: str
+) -> dict[str, Any]:
+    """The source's config, with the run's TUNABLE options. An explicit override (``model.KEY=...`` on the
+    command line) of a shape key that contradicts the source is a UserError."""
+    if requested.get("arch", source["arch"]) != source["arch"]:
+        raise UserError(
+            f"init_from={origin} holds a {source['arch']!r} model but this run trains {requested['arch']!r} "
+            f"models; pick the recipe of that architecture"
+        )
+    merged = dict(source)
+    for key in TUNABLE & set(requested):
+        if key != "name" or key in explicit:  # the source's own name unless the user names it
+            merged[key] = requested[key]
+    conflicts = sorted(
+        k for k in explicit if k not in TUNABLE and k in requested and requested[k] != source.get(k, requested[k])
+    )
+    if conflicts:
+        shown = ", ".join(f"model.{k}={requested[k]!r} (it has {source.get(k)!r})" for k in conflicts)
+        raise UserError(f"{shown} contradicts init_from={origin}: the model's shape comes from it; drop the override")
+    return merged
+
+
+def load_pretrained_weights(model: nn.Module, pretrained: Pretrained) -> None:
+    """Copy the source's weights into ``model`` (same names, same shapes); a mismatch names the tensor."""
+    state = pretrained.load_weights()
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unknown = sorted(set(state) - set(own))
+    if missing or unknown:
+        what = f"lacks {missing[0]}" if missing else f"has {unknown[0]}, which the model does not know"
+        raise UserError(f"init_from={pretrained.path}: the weights do not fit the model: it {what}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise UserError(
+                f"init_from={pretrained.path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(own[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+
+
+def model_overrides(overrides: Iterable[str]) -> frozenset[str]:
+    """The ``model.*`` keys set on the command line (Hydra's task overrides, e.g. ``model.n_layer=3``);
+    a ``model=NAME`` group choice counts as setting none (the shape of an init_from source wins)."""
+    keys = set()
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key.startswith("model."):
+            keys.add(key.removeprefix("model.").split(".")[0])
+    return frozenset(keys)
