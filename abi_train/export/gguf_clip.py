@@ -37,7 +37,6 @@ def architecture(model: Any) -> str:
 
 
 def add_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], tokenizer_path: Path) -> None:
-    vit.check_arch(model, "clip")
     c = model.config
     eos = Tokenizer.load(tokenizer_path).eos_id
     if eos != c["eot_id"]:
