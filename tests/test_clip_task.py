@@ -201,7 +201,7 @@ def test_model_config_is_filled_from_the_tokenizer():
 def test_bad_task_config_is_one_clear_error():
     with pytest.raises(UserError, match="loss='triplet'"):
         make_task(["loss=triplet"])
-    with pytest.raises(UserError, match="data='text'"):
+    with pytest.raises(UserError, match="data=text is not caption data"):
         make_task(["data=text"])
     with pytest.raises(UserError, match="accumulation"):
         cfg = compose_cfg([*TINY_CLIP, *SMALL_CAPTIONS, "trainer.global_batch_size=32"])

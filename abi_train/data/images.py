@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
 
+from abi_train.data import ImageClassData
 from abi_train.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -276,3 +278,14 @@ def split_off(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Subset,
         raise UserError(f"data.val_fraction={fraction} cannot split {n} images into train and val")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(dataset, sorted(order[n_val:])), Subset(dataset, sorted(order[:n_val]))
+
+
+def open_images(d: DictConfig, image_size: int) -> ImageClassData:
+    """The ``data=images`` opener (abi_train.data.SOURCES). Images keep their own size (the task's
+    transforms crop to ``image_size``); without a validation split, data.val_fraction is held out
+    (a fixed subset: the same val set for every seed)."""
+    data = open_image_data(d.path, d.image_field, d.label_field, d.get("val_path"))
+    train, val = data.train, data.val
+    if val is None:
+        train, val = split_off(train, float(d.val_fraction))
+    return ImageClassData(train, val, data.class_names)

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from abi_train.data import CaptionData
 from abi_train.data.images import (
     ImageFolder,
     load_hf_splits,
@@ -175,3 +176,11 @@ class Rows(Dataset):
 
     def __getitem__(self, index: int) -> Item:
         return self.pairs[self.indices[index]]
+
+
+def open_pairs(d: DictConfig, image_size: int) -> CaptionData:
+    """The ``data=pairs`` opener (abi_train.data.SOURCES): images keep their own size (the task resizes
+    to ``image_size``); zero-shot classes are data.zero_shot_path's folders, prompts data.templates."""
+    train, val, zero_shot = load_pairs(d)
+    class_names = zero_shot.class_names if zero_shot is not None else []
+    return CaptionData(train, val, zero_shot, class_names, list(d.templates))

@@ -9,8 +9,10 @@ import math
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
+from abi_train.data import ImageClassData
 from abi_train.data.images import to_tensor
 from abi_train.errors import UserError
 
@@ -198,3 +200,10 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.draw(index)
         return to_tensor(image), label
+
+
+def open_shapes(d: DictConfig, image_size: int) -> ImageClassData:
+    """The ``data=shapes`` opener (abi_train.data.SOURCES): both splits drawn from data.seed."""
+    train = ShapesDataset("train", image_size, int(d.num_train), int(d.seed))
+    val = ShapesDataset("val", image_size, int(d.num_val), int(d.seed))
+    return ImageClassData(train, val, list(ShapesDataset.class_names))

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
+from abi_train.data import TokenData
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 
@@ -198,6 +200,13 @@ def load_text_data(
         cache_path=entry,
         cache_hit=hit,
     )
+
+
+def open_text(d: DictConfig, tokenizer: Tokenizer | None) -> TokenData:
+    """The ``data=text`` opener (abi_train.data.SOURCES): the cached corpus as one array per split."""
+    files = OmegaConf.to_container(d.files) if OmegaConf.is_config(d.files) else d.files
+    text = load_text_data(files, d.text_field, float(d.val_fraction), tokenizer, int(d.vocab_size), d.get("cache_dir"))
+    return TokenData([text.train], [text.val], text.tokenizer)
 
 
 def _build_entry(

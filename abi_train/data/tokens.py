@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from abi_train.data import TokenData
 from abi_train.data.text import token_dtype
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
@@ -154,3 +156,11 @@ def load_shards(path: str | Path, tokenizer: Tokenizer | None = None) -> ShardDa
         return arrays
 
     return ShardData(open_split("train"), open_split("val"), tokenizer, meta)
+
+
+def open_shards(d: DictConfig, tokenizer: Tokenizer | None) -> TokenData:
+    """The ``data=shards`` opener (abi_train.data.SOURCES): the shard folder's memmaps, one per shard."""
+    if not d.get("path"):
+        raise UserError("data=shards needs data.path=DIR (a folder from scripts/make_token_shards.py)")
+    shards = load_shards(d.path, tokenizer)
+    return TokenData(shards.train, shards.val, shards.tokenizer)
