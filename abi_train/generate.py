@@ -1,17 +1,79 @@
-"""python -m abi_train.generate <checkpoint or run dir> --prompt "..." [--max-new-tokens 64 --temperature 0.8
---top-k 50 --seed 0 --device auto]: print the prompt and a sampled continuation from an LLM checkpoint."""
+"""python -m abi_train.generate PATH --prompt "..." [--chat --system "..."] [--max-new-tokens 64 --temperature 0.8
+--top-k 50 --seed 0 --device auto]: continue a prompt (or answer it, with the model's chat template) with an LLM.
+
+PATH is anything ``init_from`` takes: an abi_train run dir or checkpoint, a Hugging Face model folder or a
+GGUF file. Tokens are printed as they are generated; generation stops at the tokenizer's EOS.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 
-from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
+from abi_train.checkpoint import load_meta
 from abi_train.cli import run_cli
+from abi_train.data.chat import render_chat
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
+from abi_train.models import SPECS, build_model
 from abi_train.utils import pick_device
+from abi_train.weights import load_pretrained, load_pretrained_weights
+
+EXAMPLES = """examples:
+  python -m abi_train.generate runs/llm/my_run --prompt "Once upon a time"
+  python -m abi_train.generate SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt "What is the capital of France?" \\
+      --temperature 0
+  python -m abi_train.generate path/to/hf_model_folder --chat --system "Answer briefly." --prompt "Why is the sky blue?"
+"""
+
+
+def load_lm(path: str, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
+    """An LLM and its tokenizer from any init_from source, in eval mode on ``device``."""
+    pretrained = load_pretrained(path)
+    arch = pretrained.model_config.get("arch")
+    family = load_meta(pretrained.path).get("family") if pretrained.kind == "checkpoint" else None
+    if arch != "gpt" or family in {spec.task for spec in SPECS.values() if spec.arch != "gpt"}:
+        what = f"family {family!r}" if family else f"arch {arch!r}"
+        raise UserError(f"{path} is not an LLM checkpoint ({what}); generation needs an LLM (arch 'gpt')")
+    if pretrained.tokenizer is None:
+        raise UserError(f"{path} has no tokenizer; generation needs one")
+    model = build_model(pretrained.model_config)
+    load_pretrained_weights(model, pretrained)
+    return model.to(device).eval(), pretrained.tokenizer
+
+
+def chat_prompt(tokenizer: Tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """The prompt as one user turn (after an optional system turn), rendered with the tokenizer's template."""
+    if not tokenizer.chat_template:
+        raise UserError("--chat needs a chat template, and this model's tokenizer has none; drop --chat")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    name = tokenizer.hf.id_to_token
+    text = render_chat(tokenizer.chat_template, messages, True, name(tokenizer.bos_id), name(tokenizer.eos_id))
+    return tokenizer.encode(text)  # the template writes BOS itself when the model wants it
+
+
+def stream_tokens(
+    model: nn.Module,
+    ids: list[int],
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator,
+) -> Iterator[int]:
+    """New token ids one at a time (the model's own sampling, one step per call), stopping at EOS."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], device=device)
+    for _ in range(max_new_tokens):
+        idx = model.generate(idx, 1, temperature, top_k, generator)
+        nxt = int(idx[0, -1])
+        if nxt == eos_id:
+            return
+        yield nxt
 
 
 def generate_text(
@@ -22,42 +84,67 @@ def generate_text(
     top_k: int | None = 50,
     seed: int = 0,
     device: str = "auto",
+    chat: bool = False,
+    system: str | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> str:
-    """The prompt followed by its continuation (cut at the first end-of-text token)."""
-    ckpt = resolve_checkpoint(path)
-    family = load_meta(ckpt).get("family")
-    if family != "llm":
-        raise UserError(f"{ckpt} is not an LLM checkpoint (family {family!r})")
+    """Without ``chat``: the prompt followed by its continuation; with it: the model's answer. ``on_text``
+    receives the text as it is generated (whole characters only)."""
     if temperature < 0 or max_new_tokens < 0 or (top_k is not None and top_k <= 0):
         raise UserError("--temperature and --max-new-tokens must be >= 0, --top-k > 0")
-    tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+    if system and not chat:
+        raise UserError("--system is for --chat")
     dev = pick_device(device)
-    model, _ = load_model(ckpt, device=dev)
-    ids = tokenizer.encode(prompt) or [tokenizer.bos_id]  # an empty prompt starts a new document
+    model, tokenizer = load_lm(path, dev)
+    ids = chat_prompt(tokenizer, prompt, system) if chat else tokenizer.encode_prompt(prompt)
+    head = "" if chat else prompt
+    if on_text and head:
+        on_text(head)
     generator = torch.Generator(device=dev).manual_seed(seed)
-    out = model.generate(torch.tensor([ids], device=dev), max_new_tokens, temperature, top_k, generator)
-    new = out[0, len(ids) :].tolist()
-    if tokenizer.eos_id in new:
-        new = new[: new.index(tokenizer.eos_id)]
-    return prompt + tokenizer.decode(new)
+    new: list[int] = []
+    shown = ""
+    for token in stream_tokens(model, ids, tokenizer.eos_id, max_new_tokens, temperature, top_k, generator):
+        new.append(token)
+        text = tokenizer.decode(new)
+        if on_text and not text.endswith("\ufffd"):  # a character split across byte tokens: wait for the rest
+            on_text(text[len(shown) :])
+            shown = text
+    text = tokenizer.decode(new)
+    if on_text and text != shown:
+        on_text(text[len(shown) :])
+    return head + text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m abi_train.generate", description="Continue a prompt with an LLM checkpoint."
+        prog="python -m abi_train.generate",
+        description="Continue a prompt, or answer it in chat form, with an LLM.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="a run dir (its latest checkpoint) or a checkpoints/step_* folder")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument(
+        "path", help="a run dir or checkpoints/step_* folder, a Hugging Face model folder or a .gguf file"
+    )
+    parser.add_argument("--prompt", default="", help="text to continue or answer (default: start a new document)")
+    parser.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template")
+    parser.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a = parser.parse_args()
-    text = run_cli(
-        lambda: generate_text(a.checkpoint, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.seed, a.device)
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_cli(
+        lambda: generate_text(
+            a.path, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.seed, a.device, a.chat, a.system, emit
+        )
     )
-    print(text)
+    print()
 
 
 if __name__ == "__main__":

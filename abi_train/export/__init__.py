@@ -46,6 +46,8 @@ def export_gguf(
         raise UserError(f"output path is a directory: {out}")
     if fam.NEEDS_TOKENIZER and (tokenizer_path is None or not Path(tokenizer_path).is_file()):
         raise UserError(f"{meta['family']} GGUF export needs a tokenizer.json; not found: {tokenizer_path}")
+    # abi_train.arch is the model's own arch, also when the caller's meta (not a checkpoint's) lacks model_config.
+    meta = {**meta, "model_config": meta.get("model_config") or model.config}
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(tmp, fam.architecture(model))
     try:

@@ -1,6 +1,11 @@
 """GGUF pieces shared by every family: output types, per-tensor type choice, quantization, the
 byte-level BPE tokenizer (both directions) and provenance.
 
+The tokenizer is llama.cpp's "gpt2" kind; how it splits text before BPE is its ``tokenizer.ggml.pre``.
+``PRE_TOKENIZERS`` is the one table of the pre names we support, each as the Hugging Face pre-tokenizer
+that splits as llama.cpp does: import builds a file's entry, export writes the name a tokenizer was
+imported with or the entry its tokenizer.json's pre-tokenizer equals.
+
 A family module (``gguf_llm``; ``gguf_vit`` and ``gguf_clip`` follow the same shape) provides only its
 name map and hyperparameters:
 
@@ -11,7 +16,8 @@ name map and hyperparameters:
     architecture(model) -> str
     add_metadata(writer, model, meta, tokenizer_path)   "{arch}.*" keys (+ add_tokenizer here)
     to_gguf(model) -> dict[str, Tensor]                 GGUF name -> tensor (PyTorch layout)
-    config_from_gguf(kv, tensors) -> dict               builder kwargs (with "arch") from a file
+    config_from_gguf(kv, tensors) -> dict               builder kwargs (with "arch") from a file; ``tensors``
+                                                        maps names to tensors dequantized when read
     from_gguf(tensors, config) -> dict[str, Tensor]     our state dict from GGUF tensors
 """
 
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from abi_train import __version__
@@ -97,22 +105,115 @@ def add_general(writer: GGUFWriter, name: str, meta: dict[str, Any], outtype: st
         writer.add_uint64("abi_train.step", int(meta["step"]))
 
 
+# llama.cpp's pre-tokenizers (llama-vocab.cpp: its tokenizer.ggml.pre names and the regexes each applies), as
+# the Hugging Face pre-tokenizer that splits text the same way. One table serves both directions: import builds
+# the entry of a file's pre name; export finds the entry whose serialized form equals the tokenizer.json's.
+# Llama 3's split, as its tokenizer.json spells it (llama.cpp spells (?i:'s) as '[sS]: the same matches).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """One llama.cpp pre-tokenizer: the Hugging Face split that reproduces it and its vocab defaults."""
+
+    build: Callable[[], pre_tokenizers.PreTokenizer]
+    aliases: tuple[str, ...] = ()  # other tokenizer.ggml.pre names llama.cpp treats the same way
+    ignore_merges: bool = False  # a whole split piece that is a token is used as is (llama.cpp's ignore_merges)
+    add_bos: bool = False  # llama.cpp's default when the file has no tokenizer.ggml.add_bos_token
+
+
+def _byte_level(use_regex: bool) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+
+
+def _split_then_bytes(pattern: str) -> Callable[[], pre_tokenizers.PreTokenizer]:
+    return lambda: pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False), _byte_level(False)]
+    )
+
+
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    # GPT-2's regex (ByteLevel's own).
+    "gpt-2": PreTokenizer(lambda: _byte_level(True), aliases=("phi-2", "mpt", "olmo")),
+    # Each digit alone (llama.cpp's "\p{N}" split; HF's Digits splits on char::is_numeric, the same set), then GPT-2.
+    "smollm": PreTokenizer(
+        lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level(True)]),
+        aliases=("starcoder", "refact", "codeshell", "exaone", "minerva"),
+    ),
+    "llama-bpe": PreTokenizer(
+        _split_then_bytes(LLAMA3_SPLIT),
+        aliases=("llama3", "llama-v3", "falcon3", "pixtral", "midm-2.0"),
+        ignore_merges=True,
+        add_bos=True,
+    ),
+    "dbrx": PreTokenizer(_split_then_bytes(LLAMA3_SPLIT), aliases=("smaug-bpe",)),
+    "qwen2": PreTokenizer(_split_then_bytes(QWEN2_SPLIT), aliases=("deepseek-r1-qwen", "stablelm2")),
+}
+_PRE_BY_NAME = {alias: name for name, entry in PRE_TOKENIZERS.items() for alias in (name, *entry.aliases)}
+
+
+def pre_tokenizer_entry(pre: str) -> tuple[str, PreTokenizer]:
+    """(canonical name, entry) of a tokenizer.ggml.pre value; an unknown one is a UserError naming the known."""
+    if pre not in _PRE_BY_NAME:
+        raise UserError(
+            f"GGUF tokenizer.ggml.pre {pre!r} is not supported; supported: {', '.join(sorted(_PRE_BY_NAME))}"
+        )
+    name = _PRE_BY_NAME[pre]
+    return name, PRE_TOKENIZERS[name]
+
+
+def _pre_json(pre: pre_tokenizers.PreTokenizer | dict[str, Any]) -> Any:
+    """A pre-tokenizer as comparable JSON: serialized, with the keys that change only offsets dropped."""
+    if not isinstance(pre, dict):
+        probe = HFTokenizer(models.BPE())
+        probe.pre_tokenizer = pre
+        pre = json.loads(probe.to_str())["pre_tokenizer"]
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "trim_offsets"}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    return strip(pre)
+
+
+def match_pre_tokenizer(spec: dict[str, Any], source: str) -> str:
+    """The llama.cpp pre name whose split equals a tokenizer.json's pre_tokenizer (and merge rule)."""
+    found = _pre_json(spec.get("pre_tokenizer") or {})
+    ignore_merges = bool(spec["model"].get("ignore_merges", False))
+    for name, entry in PRE_TOKENIZERS.items():
+        if found == _pre_json(entry.build()) and ignore_merges == entry.ignore_merges:
+            return name
+    raise UserError(
+        f"{source}: its pre-tokenizer matches none that llama.cpp implements ({', '.join(PRE_TOKENIZERS)}), "
+        "so a GGUF file could not tokenize like it; export to --format hf instead"
+    )
+
+
 def add_tokenizer(writer: GGUFWriter, path: Path, n_rows: int) -> None:
-    """Write a byte-level BPE tokenizer.json in llama.cpp's "gpt2" form, padded to ``n_rows`` tokens."""
+    """Write a byte-level BPE tokenizer.json in llama.cpp's "gpt2" form, padded to ``n_rows`` tokens: its
+    tokenizer.ggml.pre (the one it was imported with, else matched from its pre-tokenizer), special tokens,
+    add_bos_token and chat template."""
     tok = Tokenizer.load(path)
     spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    pre = spec.get("pre_tokenizer") or {}
-    if (
-        spec["model"].get("type") != "BPE"
-        or spec.get("normalizer")
-        or pre.get("type") != "ByteLevel"
-        or not pre.get("use_regex", True)
-        or pre.get("add_prefix_space")
-    ):
+    model = spec["model"]
+    # NFC (Qwen2's) is what llama.cpp's own converter also drops: text is NFC almost always.
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if model.get("byte_fallback"):
+        raise UserError(f"{path}: GGUF export of SentencePiece-style (byte fallback) tokenizers is not supported yet")
+    if model.get("type") != "BPE" or normalizer not in (None, "NFC"):
         raise UserError(
-            f"{path}: GGUF export needs a byte-level BPE tokenizer with the GPT-2 split "
-            "(ByteLevel pre-tokenizer, no prefix space, no normalizer)"
+            f"{path}: GGUF export needs a byte-level BPE tokenizer (BPE model without byte fallback, no normalizer)"
         )
+    if tok.gguf_pre:
+        pre = tok.gguf_pre
+        pre_tokenizer_entry(pre)  # still one llama.cpp knows
+    else:
+        pre = match_pre_tokenizer(spec, str(path))
     vocab = tok.hf.get_vocab(with_added_tokens=True)
     tokens = sorted(vocab, key=vocab.get)
     if [vocab[t] for t in tokens] != list(range(len(tokens))):
@@ -129,33 +230,108 @@ def add_tokenizer(writer: GGUFWriter, path: Path, n_rows: int) -> None:
             tokens.append(pad)
             types.append(TokenType.UNUSED)
         i += 1
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
 
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     writer.add_bos_token_id(tok.bos_id)
     writer.add_eos_token_id(tok.eos_id)
     writer.add_pad_token_id(tok.pad_id if tok.pad_id is not None else tok.eos_id)
-    # Tokenizer.encode adds no special tokens (documents are only separated by EOS), so neither may llama.cpp.
-    writer.add_add_bos_token(False)
+    # As Tokenizer.encode_prompt does: BOS only when the tokenizer asks for it; never EOS.
+    writer.add_add_bos_token(tok.add_bos)
     writer.add_add_eos_token(False)
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
 
 
-def tokenizer_from_gguf(kv: dict[str, Any]) -> Tokenizer | None:
-    """Rebuild our Tokenizer from a file written by ``add_tokenizer`` (None for other tokenizers)."""
-    if kv.get("tokenizer.ggml.model") != "gpt2" or kv.get("tokenizer.ggml.pre") != "gpt-2":
+def tokenizer_from_gguf(kv: dict[str, Any], source: str = "GGUF file") -> Tokenizer | None:
+    """Our Tokenizer from a file's vocabulary (None when it has none), tokenizing as llama.cpp does: byte-level
+    BPE (tokenizer.ggml.model "gpt2") with the split of its tokenizer.ggml.pre, or SentencePiece ("llama");
+    CONTROL tokens special, USER_DEFINED ones added; its special tokens, add_bos_token and chat template."""
+    kind = kv.get("tokenizer.ggml.model")
+    if kind is None or kind in ("none", "no_vocab"):
         return None
-    tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
-    while types and types[-1] == TokenType.UNUSED:  # drop the padding entries
+    if kind == "llama":
+        return _sentencepiece_from_gguf(kv, source)
+    if kind != "gpt2":
+        raise UserError(
+            f"{source}: GGUF tokenizer.ggml.model {kind!r} is not supported; supported: gpt2 (byte-level BPE)"
+        )
+    pre_name = kv.get("tokenizer.ggml.pre") or "default"
+    _, pre = pre_tokenizer_entry(pre_name)
+    tokens, types = list(kv["tokenizer.ggml.tokens"]), list(kv["tokenizer.ggml.token_type"])
+    while types and types[-1] == TokenType.UNUSED:  # drop padding entries (ours: [PADn])
         tokens, types = tokens[:-1], types[:-1]
-    merges = [tuple(m.split(" ")) for m in kv["tokenizer.ggml.merges"]]
-    hf = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise UserError(f"{source}: its vocabulary repeats a token, so ids cannot round-trip")
+    merges = [tuple(m.split(" ", 1)) for m in kv.get("tokenizer.ggml.merges", [])]
+    hf = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
+    hf.pre_tokenizer = pre.build()
     hf.decoder = decoders.ByteLevel()
     typed = list(zip(tokens, types, strict=True))
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed if ty == TokenType.CONTROL])
     hf.add_tokens([AddedToken(t, normalized=False) for t, ty in typed if ty == TokenType.USER_DEFINED])
-    return Tokenizer(hf, source="gguf")
+    return _with_specials(hf, kv, tokens, source, add_bos_default=pre.add_bos, pre=pre_name)
+
+
+def _with_specials(
+    hf: HFTokenizer, kv: dict[str, Any], tokens: list[str], source: str, add_bos_default: bool, pre: str | None
+) -> Tokenizer:
+    """Our Tokenizer around ``hf`` with the file's BOS/EOS/PAD, add_bos_token and chat template."""
+
+    def name(key: str) -> str | None:
+        i = kv.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    return Tokenizer(
+        hf,
+        source=source,
+        eos=name("eos"),
+        bos=name("bos"),
+        pad=name("padding"),
+        add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+        chat_template=kv.get("tokenizer.chat_template"),
+        gguf_pre=pre,
+    )
+
+
+def _sentencepiece_from_gguf(kv: dict[str, Any], source: str) -> Tokenizer:
+    """llama.cpp's SentencePiece ("llama") vocabulary as a BPE: llama.cpp merges, among adjacent pieces whose
+    concatenation is a token, the one whose token scores highest, so every token is a merge of its two-part
+    splits, ranked by its score; a space before the text and after every special token (its
+    add_space_prefix; HF's Prepend runs on each segment between added tokens, the same places), spaces as
+    U+2581, characters no token covers as <0xXX> byte tokens."""
+    tokens, types = list(kv["tokenizer.ggml.tokens"]), list(kv["tokenizer.ggml.token_type"])
+    scores = kv.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise UserError(f"{source}: its SentencePiece vocabulary has no tokenizer.ggml.scores for its tokens")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise UserError(f"{source}: its vocabulary repeats a token, so ids cannot round-trip")
+    mergeable = {TokenType.NORMAL, TokenType.USER_DEFINED, TokenType.UNUSED}
+    ranked = []
+    for token, ty in zip(tokens, types, strict=True):
+        if ty not in mergeable or len(token) < 2:
+            continue
+        for k in range(1, len(token)):
+            left, right = token[:k], token[k:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[vocab[token]], vocab[token], k, (left, right)))
+    merges = [pair for *_, pair in sorted(ranked)]
+    unk = next((t for t, ty in zip(tokens, types, strict=True) if ty == TokenType.UNKNOWN), None)
+    hf = HFTokenizer(models.BPE(vocab, merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    space = [normalizers.Prepend("\u2581")] if kv.get("tokenizer.ggml.add_space_prefix", True) else []
+    hf.normalizer = normalizers.Sequence([*space, normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if space else [])
+    )
+    typed = list(zip(tokens, types, strict=True))
+    special = (TokenType.CONTROL, TokenType.UNKNOWN)
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed if ty in special])
+    hf.add_tokens([AddedToken(t, normalized=False) for t, ty in typed if ty == TokenType.USER_DEFINED])
+    return _with_specials(hf, kv, tokens, source, add_bos_default=True, pre=None)
