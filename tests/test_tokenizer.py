@@ -84,7 +84,7 @@ def test_every_byte_is_a_token(tok: Tokenizer) -> None:
 def test_save_load_round_trip(tok: Tokenizer, tmp_path: Path) -> None:
     path = tmp_path / "tokenizer.json"
     tok.save(path)
-    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]  # no temp file
     loaded = Tokenizer.load(path)
     assert loaded.fingerprint == tok.fingerprint
     for text in HARD:
@@ -131,5 +131,5 @@ def test_needs_endoftext_and_room_for_bytes(tmp_path: Path) -> None:
     spec["model"]["vocab"] = {k: v for k, v in spec["model"]["vocab"].items() if k != EOS}
     path = tmp_path / "no_eos.json"
     path.write_text(json.dumps(spec))
-    with pytest.raises(UserError, match="has no <\\|endoftext\\|>"):
+    with pytest.raises(UserError, match="has no end-of-text token '<\\|endoftext\\|>'; name it as eos_token"):
         Tokenizer.load(path)
