@@ -207,10 +207,23 @@ def overrides_value(overrides: list[str], key: str) -> str | None:
     return None
 
 
+HELP = f"""usage: python -m abi_train.bench [bench.KEY=VALUE ...] [run overrides as for python -m abi_train ...]
+
+{(__doc__ or "").partition(chr(10) * 2)[2].strip()}
+
+Example (GPT-2 124M, bf16, compiled, on one GPU):
+    python -m abi_train.bench recipe=llm model=gpt2-124m data.seq_len=1024 trainer.batch_size=32 \\
+        trainer.precision=bf16 trainer.compile=true trainer.device=cuda bench.steps=30"""
+
+
 def main(argv: list[str] | None = None) -> None:
     from abi_train.cli import run_cli
 
-    overrides, options = run_cli(lambda: split_overrides(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(HELP)
+        return
+    overrides, options = run_cli(lambda: split_overrides(argv))
     record = run_cli(lambda: run_bench(overrides, options))
     if record is not None:
         print(json.dumps(record), flush=True)

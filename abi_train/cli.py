@@ -27,6 +27,19 @@ def config_dir() -> Path:
     raise RuntimeError(f"abi_train configs not found next to {PACKAGE_DIR}; the installation is broken")
 
 
+def _show_keys(*keys: str, _root_: DictConfig) -> str:
+    """``${abi_keys:a.b,c}`` in the --help page: ``a.b=VALUE c=VALUE`` as typed on the command line (null,
+    true), the values of the composed config; keys this recipe's config lacks are left out."""
+    from omegaconf import OmegaConf
+
+    shown = []
+    for key in keys:
+        value = OmegaConf.select(_root_, key, default="\0missing")
+        if value != "\0missing":
+            shown.append(f"{key}={OmegaConf.to_yaml({'v': value}).removeprefix('v:').strip()}")
+    return " ".join(shown)
+
+
 def run_cli(fn: Callable[[], T]) -> T:
     """Run ``fn``; print a UserError as one line ``error: ...`` and exit 2."""
     try:
@@ -65,9 +78,12 @@ def _remove_if_unused(run_dir: Path) -> None:
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
     from abi_train.distributed import dist_info_from_env, launch_overrides
 
+    if not OmegaConf.has_resolver("abi_keys"):
+        OmegaConf.register_new_resolver("abi_keys", _show_keys)
     # Under torchrun every rank composes its own config: make them agree on one run dir first.
     sys.argv += run_cli(lambda: launch_overrides(sys.argv[1:]))
 

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from abi_train.errors import UserError
+
+T = TypeVar("T")
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 RUN_STAMP_ENV = "ABI_RUN_STAMP"  # configs/train.yaml names the default run dir after it
@@ -69,6 +72,57 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)  # SUM, then divide: Gloo has no ReduceOp.AVG
     return t / dist.get_world_size()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a new tensor); ``t`` itself when not distributed."""
+    if not _initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+# --- evaluation: every rank takes a slice, the numbers are those of one process --------------------
+def eval_shard(n: int, rank: int, world_size: int) -> range:
+    """This rank's items of an evaluation over ``n`` items: every world_size-th, so ``gather_shards`` can
+    interleave the ranks' results back into the original order."""
+    return range(rank, n, world_size)
+
+
+def gather_shards(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows computed for ``eval_shard(n, rank, world)`` on every rank -> all ``n`` rows in item order, on
+    every rank. Shards differ by at most one row; the short ones are padded for the all_gather and the
+    padding (last in item order) is cut off."""
+    if not _initialized():
+        return local
+    world = dist.get_world_size()
+    rows = -(-n // world)
+    padded = local.new_zeros((rows, *local.shape[1:]))
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    # parts[r][k] is item r + k * world: stacking on dim 1 lays the items out in order.
+    return torch.stack(parts, dim=1).reshape(rows * world, *local.shape[1:])[:n]
+
+
+def eval_batch_count(n: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank runs in an evaluation over ``n`` items: those of the largest shard. FSDP2 gathers
+    weights inside every forward, so a rank with one batch fewer would leave the others waiting; the count
+    is known up front, so no rank has to ask the others (a collective among the forwards would deadlock)."""
+    largest_shard = math.ceil(n / world_size)
+    return math.ceil(largest_shard / batch_size)
+
+
+def pad_batches(batches: Iterable[T], count: int) -> Iterator[T | None]:
+    """``batches``, then None until ``count`` were yielded (a None asks for a forward call whose result is
+    not counted)."""
+    yielded = 0
+    for batch in batches:
+        yield batch
+        yielded += 1
+    for _ in range(count - yielded):
+        yield None
 
 
 # --- before Hydra: one run dir for all ranks, one error message per job -----------------------------

@@ -36,14 +36,10 @@ def build_optimizer(model: nn.Module, cfg: DictConfig, device: torch.device) -> 
         raise UserError(f"optim.name={cfg.name!r} is not known; valid: adamw")
     if cfg.lr <= 0:
         raise UserError(f"optim.lr={cfg.lr} must be positive")
-    # Fused kernels: one launch for all parameters on GPUs; CPU keeps the default (foreach).
-    fused = device.type in ("cuda", "mps")
+    # The fused kernel everywhere: one launch for all parameters on GPUs, and on CPUs a vectorised loop
+    # ~6x faster than PyTorch's CPU default (a Python loop over tensors); docs/PERF.md, CPU step.
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        fused=fused or None,
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True
     )
 
 

@@ -3,6 +3,11 @@
 Accumulation, precision, clipping, non-finite skipping, the optimizer and schedule, evaluation cadence,
 logging, checkpointing, resume and distributed wrapping are written here once; what differs per model
 family (batch -> loss, metrics, evaluation) comes from a Task (abi_train/tasks).
+
+Reading order: ``Trainer.setup`` (model, then ``_setup_optimization``, then ``_batches``), ``train_step`` (one
+optimizer step), ``fit`` (``_start_run``, the loop with ``_log`` / ``_evaluate_and_log`` / ``save_checkpoint``,
+``_finish``). ``NonFiniteGuard`` holds the skip-and-stop logic for non-finite steps, ``LogWindow`` what a
+train log line averages.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from abi_train.metrics import MetricsLogger, Progress, peak_flops
 from abi_train.models import build_model
 from abi_train.models.layers import ATTENTION_KERNELS, pin_attention_kernel
 from abi_train.optim import build_optimizer, build_scheduler
-from abi_train.tasks.base import Task
+from abi_train.tasks.base import EvalResult, Task
 from abi_train.utils import pick_device, rng_state, seed_everything, set_rng_state
 from abi_train.weights import load_pretrained, load_pretrained_weights
 
@@ -89,17 +94,116 @@ def accumulation_steps(batch_size: int, global_batch_size: int | None, world_siz
     return global_batch_size // per_micro_step
 
 
+def check_trainer_options(tc: DictConfig) -> None:
+    """UserError for a trainer.* value the loop cannot run with (before anything is built)."""
+    if tc.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={tc.precision!r} is not known; valid: {', '.join(PRECISIONS)}")
+    if tc.max_steps is None or tc.max_steps <= 0:
+        raise UserError(f"trainer.max_steps={tc.max_steps} must be a positive integer")
+    for key in ("log_every", "eval_every", "ckpt_every"):
+        if tc[key] is None or tc[key] < 0:
+            raise UserError(f"trainer.{key}={tc[key]} must be >= 0")
+    if tc.attention not in ATTENTION_KERNELS:
+        raise UserError(f"trainer.attention={tc.attention!r} is not known; valid: {', '.join(ATTENTION_KERNELS)}")
+    if tc.bf16_residual and tc.precision != "bf16":
+        raise UserError(f"trainer.bf16_residual=true needs trainer.precision=bf16, got {tc.precision!r}")
+
+
+class NonFiniteGuard:
+    """Skips updates whose loss or gradient is not finite, counts them and stops a diverged run.
+
+    ``check`` decides on the device; ``record`` queues the verdict of a step; ``settle`` brings the queued
+    verdicts to the host (one sync for any number of steps), counts them and raises UserError after
+    ``max_streak`` skips in a row. ``on_device``: fused AdamW skips the update itself where ``found_inf``
+    is set, so the loop need not sync every step (fp16 and FSDP's DTensor parameters keep the host path).
+    fp16 gradient overflow is the GradScaler's business, not a divergence: only the loss is checked then.
+    """
+
+    def __init__(self, max_streak: int, on_device: bool, check_grads: bool) -> None:
+        self.max_streak, self.on_device, self.check_grads = max_streak, on_device, check_grads
+        self.total = 0  # skipped steps over the whole run (saved in checkpoints)
+        self.streak = 0  # skipped steps in a row, up to the last settled one
+        self._queued: list[tuple[int, bool | torch.Tensor]] = []  # (step, finite) not yet counted
+        self._unreported: list[int] = []
+
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(loss)
+        return finite & torch.isfinite(grad_norm) if self.check_grads else finite
+
+    def record(self, step: int, finite: bool | torch.Tensor) -> None:
+        self._queued.append((step, finite))
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    def settle(self) -> None:
+        """Count the queued verdicts; UserError once ``max_streak`` steps in a row were skipped."""
+        if not self._queued:
+            return
+        steps = [step for step, _ in self._queued]
+        flags = torch.stack([torch.as_tensor(f) for _, f in self._queued]).tolist()  # the one host sync
+        self._queued = []
+        for step, finite in zip(steps, flags, strict=True):
+            if finite:
+                self.streak = 0
+                continue
+            self.total += 1
+            self.streak += 1
+            self._unreported.append(step)
+            if self.streak >= self.max_streak:
+                raise UserError(
+                    f"training stopped: {self.streak} steps in a row with a non-finite loss or "
+                    f"gradient (last at step {step}); lower optim.lr, raise optim.warmup_steps or "
+                    "check trainer.precision"
+                )
+
+    def take_skipped(self) -> list[int]:
+        """Steps skipped since the last call (settled ones only), for the progress messages."""
+        skipped, self._unreported = self._unreported, []
+        return skipped
+
+    def state_dict(self) -> dict[str, int]:
+        return {"nonfinite_total": self.total, "nonfinite_streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total, self.streak = state["nonfinite_total"], state["nonfinite_streak"]
+
+
+@dataclass
+class LogWindow:
+    """What the train log averages over: the steps since the last log line."""
+
+    loss_sum: torch.Tensor  # summed loss of the applied steps (device, no sync)
+    steps: torch.Tensor  # applied (finite) steps
+    items: int = 0
+    started: float = 0.0  # perf_counter when the window opened (evaluation and checkpoint time excluded)
+
+    def add(self, out: StepOutput) -> None:
+        finite = torch.as_tensor(out.finite, device=self.loss_sum.device)
+        self.loss_sum += torch.where(finite, out.loss, 0.0)
+        self.steps += finite
+        self.items += out.items
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps.zero_()
+        self.items = 0
+        self.started = time.perf_counter()
+
+
+RESUME_MODES = "true | false | auto"
+
+
 class Trainer:
+    """``Trainer(cfg, task, run_dir, dist).fit()``: checks the trainer config at construction; ``setup``
+    builds everything (also used alone by the bench); ``train_step`` is one optimizer step; ``fit`` runs
+    the loop with logging, evaluation, checkpoints and the end-of-run export."""
+
     def __init__(self, cfg: DictConfig, task: Task, run_dir: Path, dist: DistInfo) -> None:
         self.cfg, self.task, self.run_dir, self.dist = cfg, task, Path(run_dir), dist
         tc = cfg.trainer
-        if tc.precision not in PRECISIONS:
-            raise UserError(f"trainer.precision={tc.precision!r} is not known; valid: {', '.join(PRECISIONS)}")
-        if tc.max_steps is None or tc.max_steps <= 0:
-            raise UserError(f"trainer.max_steps={tc.max_steps} must be a positive integer")
-        for key in ("log_every", "eval_every", "ckpt_every"):
-            if tc[key] is None or tc[key] < 0:
-                raise UserError(f"trainer.{key}={tc[key]} must be >= 0")
+        check_trainer_options(tc)
         self.accumulation = accumulation_steps(tc.batch_size, tc.global_batch_size, dist.world_size)
         if self.accumulation > 1 and not task.supports_accumulation:
             raise UserError(
@@ -111,10 +215,6 @@ class Trainer:
         self.amp_dtype = PRECISIONS[tc.precision]
         if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("trainer.precision=bf16 but this GPU has no bf16; use fp16 or fp32")
-        if tc.attention not in ATTENTION_KERNELS:
-            raise UserError(f"trainer.attention={tc.attention!r} is not known; valid: {', '.join(ATTENTION_KERNELS)}")
-        if tc.bf16_residual and tc.precision != "bf16":
-            raise UserError(f"trainer.bf16_residual=true needs trainer.precision=bf16, got {tc.precision!r}")
         if tc.deterministic:
             torch.use_deterministic_algorithms(True)
         if self.device.type == "cpu" and tc.num_workers > 0 and "OMP_NUM_THREADS" not in os.environ:
@@ -125,8 +225,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-    # ------------------------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    # --- setup: model, optimization, data ---------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The trainer.precision autocast context (a no-op for fp32), as the train step and evaluation use."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -134,14 +235,7 @@ class Trainer:
     def setup(self) -> None:
         """Build data, model, optimizer; restore a checkpoint on resume; wrap for distributed/compile."""
         cfg, dist = self.cfg, self.dist
-        self.resume_from: Path | None = None
-        if cfg.resume:
-            self.resume_from = ckpt.latest_checkpoint(self.run_dir)
-            if self.resume_from is None:
-                raise UserError(
-                    f"resume=true but {self.run_dir}/checkpoints holds no checkpoint; "
-                    "pass hydra.run.dir=<the run dir to continue>"
-                )
+        self.resume_from = self._resume_point()
         seed_everything(cfg.trainer.seed + dist.rank)
         # On resume the source still gives the shape and inputs (the same command resumes); its weights
         # are not read.
@@ -162,27 +256,52 @@ class Trainer:
         # Before the optimizer: FSDP2 shards raw in place (its parameters become DTensors).
         self.model = wrap_model(raw, cfg.trainer, dist, self.device)
         self.raw_model = raw
+        self._setup_optimization()
+        if cfg.trainer.compile:
+            self.model = torch.compile(self.model)
+        self.batches = self._batches()
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint to continue from: resume=true needs one, resume=auto takes one when there is one
+        (a requeued job re-runs the same command whether or not it got to its first checkpoint)."""
+        mode = self.cfg.resume
+        if mode is None or mode is False:
+            return None
+        if mode is not True and mode != "auto":
+            raise UserError(f"resume={mode!r} is not known; valid: {RESUME_MODES}")
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None and mode is True:
+            raise UserError(
+                f"resume=true but {self.run_dir}/checkpoints holds no checkpoint; "
+                "pass hydra.run.dir=<the run dir to continue> (resume=auto starts fresh when there is none)"
+            )
+        return latest
+
+    def _setup_optimization(self) -> None:
+        """Optimizer, schedule, GradScaler, the non-finite guard; their state on resume."""
+        cfg, raw = self.cfg, self.raw_model
         self.optimizer = build_optimizer(raw, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.precision == "fp16")
-        self.step = 0
-        self.nonfinite_total = 0
-        self.nonfinite_streak = 0
-        if self.resume_from is not None:
-            self._load_train_state(self.resume_from)
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.max_norm = cfg.trainer.grad_clip if cfg.trainer.grad_clip else math.inf
-        # Fused AdamW can skip a non-finite step on the GPU (found_inf), so the hot loop needs no host sync;
-        # fp16 (the GradScaler decides) and FSDP's sharded DTensor parameters keep the synced path.
-        self.skip_on_device = (
-            bool(self.optimizer.defaults.get("fused"))
-            and cfg.trainer.precision != "fp16"
-            and not hasattr(self.params[0], "full_tensor")
+        fp16 = cfg.trainer.precision == "fp16"
+        self.nonfinite = NonFiniteGuard(
+            cfg.trainer.max_nonfinite_steps,
+            # Fused AdamW skips on the device; fp16 (the GradScaler decides) and FSDP's DTensors cannot.
+            on_device=bool(self.optimizer.defaults.get("fused"))
+            and not fp16
+            and not hasattr(self.params[0], "full_tensor"),
+            check_grads=not fp16,
         )
-        self._unsettled: list[tuple[int, bool | torch.Tensor]] = []  # (step, finite) not yet counted
-        self.skipped_steps: list[int] = []  # counted skips not yet reported by fit
-        if cfg.trainer.compile:
-            self.model = torch.compile(self.model)
+        self.step = 0
+        if self.resume_from is not None:
+            self._load_train_state(self.resume_from)
+
+    def _batches(self) -> Iterator[Any]:
+        """Micro-batches already on the device from this step on: copied one ahead on a side stream, or as
+        they are drawn."""
+        cfg, dist = self.cfg, self.dist
         sampler = GlobalBatchSampler(
             self.task.num_train_items(),
             self.global_batch,
@@ -192,13 +311,11 @@ class Trainer:
             seed=cfg.trainer.seed,
             start_step=self.step,
         )
-        # Micro-batches already on the device: copied one ahead on a side stream, or as they are drawn.
         loader = iter(self.task.train_loader(sampler))
         move = partial(self.task.to_device, device=self.device)
         if cfg.trainer.prefetch and self.device.type == "cuda":
-            self.batches: Iterator[Any] = DevicePrefetcher(loader, move, self.device)
-        else:
-            self.batches = map(move, loader)
+            return DevicePrefetcher(loader, move, self.device)
+        return map(move, loader)
 
     def _check_same_model(self, ckpt_dir: Path) -> None:
         stored = ckpt.load_meta(ckpt_dir)["model_config"]
@@ -217,8 +334,7 @@ class Trainer:
             "optimizer": full_optimizer_state_dict(self.raw_model, self.optimizer),  # by name: any world size
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_streak": self.nonfinite_streak,
+            **self.nonfinite.state_dict(),
             "global_batch": self.global_batch,
         }
 
@@ -233,8 +349,7 @@ class Trainer:
         load_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.nonfinite_total = state["nonfinite_total"]
-        self.nonfinite_streak = state["nonfinite_streak"]
+        self.nonfinite.load_state_dict(state)
         if rng is not None:
             set_rng_state(rng)
 
@@ -275,13 +390,13 @@ class Trainer:
     def train_step(self, batches: Iterator[Any]) -> StepOutput:
         """One optimizer step: accumulate micro-batches (already on the device), unscale, clip, skip if
         non-finite, update."""
-        tc, task = self.cfg.trainer, self.task
+        task = self.task
         step_loss = torch.zeros((), device=self.device)
         items = 0
         for micro in range(self.accumulation):
             batch = next(batches)
             with grad_sync(self.model, enabled=micro == self.accumulation - 1):
-                with self._autocast():
+                with self.autocast():
                     loss, logs = task.loss(self.model, batch)
                 self.scaler.scale(loss / self.accumulation).backward()
             step_loss += loss.detach() / self.accumulation
@@ -289,23 +404,19 @@ class Trainer:
         step_loss = all_reduce_mean(step_loss)  # the loss of the global batch, as one process would see it
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(self.params, self.max_norm)
-        # A non-finite loss or gradient skips the update.
-        # (fp16 gradient overflow is the GradScaler's normal business, not a divergence.)
-        finite = torch.isfinite(step_loss)
-        if tc.precision != "fp16":
-            finite = finite & torch.isfinite(grad_norm)
-        if self.skip_on_device:
+        finite: bool | torch.Tensor = self.nonfinite.check(step_loss, grad_norm)
+        if self.nonfinite.on_device:
             # Fused AdamW leaves weights, moments and its step count alone where found_inf is 1 (the
-            # GradScaler's mechanism): no host sync; the flags are counted when fit next syncs.
+            # GradScaler's mechanism): no host sync; the verdict is counted when the loop next settles.
             self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
-            self._unsettled.append((self.step + 1, finite))
+            self.nonfinite.record(self.step + 1, finite)
         else:
             finite = bool(finite)  # the host sync
             if finite:
                 self.scaler.step(self.optimizer)
-            self._unsettled.append((self.step + 1, finite))
-            self.settle_nonfinite()
+            self.nonfinite.record(self.step + 1, finite)
+            self.nonfinite.settle()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -313,141 +424,132 @@ class Trainer:
         self.step += 1
         return StepOutput(step_loss, grad_norm, finite, logs, items)
 
-    def settle_nonfinite(self) -> None:
-        """Count the steps skipped since the last call (one host sync for device flags) into
-        nonfinite_total/streak and skipped_steps; stop after trainer.max_nonfinite_steps in a row."""
-        if not self._unsettled:
-            return
-        steps = [step for step, _ in self._unsettled]
-        flags = torch.stack([torch.as_tensor(f) for _, f in self._unsettled]).tolist()
-        self._unsettled = []
-        for step, finite in zip(steps, flags, strict=True):
-            if finite:
-                self.nonfinite_streak = 0
-                continue
-            self.nonfinite_total += 1
-            self.nonfinite_streak += 1
-            self.skipped_steps.append(step)
-            if self.nonfinite_streak >= self.cfg.trainer.max_nonfinite_steps:
-                raise UserError(
-                    f"training stopped: {self.nonfinite_streak} steps in a row with a non-finite loss or "
-                    f"gradient (last at step {step}); lower optim.lr, raise optim.warmup_steps or "
-                    "check trainer.precision"
-                )
-
-    # ------------------------------------------------------------------------------------------
+    # --- the run: fit = start, then per step log / evaluate / checkpoint, then finish ----------------
     def fit(self) -> dict[str, float]:
-        """Train to trainer.max_steps; return the last logged and evaluated scalars."""
+        """Train to trainer.max_steps (or stop_at_step); return the last logged and evaluated scalars."""
         self.setup()
-        cfg, tc, dist, task = self.cfg, self.cfg.trainer, self.dist, self.task
-        is_main = dist.is_main
-        if is_main:
+        self._start_run()
+        tc = self.cfg.trainer
+        end = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
+        window = LogWindow(torch.zeros((), device=self.device), torch.zeros((), device=self.device))
+        window.reset()
+        self.model.train()
+        while self.step < end:
+            out = self.train_step(self.batches)
+            window.add(out)
+            last = self.step == end
+            logging = bool(tc.log_every) and (self.step % tc.log_every == 0 or last)
+            if logging or last or self.nonfinite.queued >= 100:
+                self.nonfinite.settle()
+            for step in self.nonfinite.take_skipped():
+                self.progress.message(f"step {step}: non-finite loss or gradient, update skipped")
+            if logging:
+                self._log(out, window)
+            else:
+                self.progress.update(self.step)
+            if tc.eval_every and (self.step % tc.eval_every == 0 or last):
+                self._evaluate_and_log()
+                window.started = time.perf_counter()  # evaluation time is not training throughput
+            stopping_early = last and end < tc.max_steps  # always leave a checkpoint to resume from
+            if (tc.ckpt_every and (self.step % tc.ckpt_every == 0 or last)) or stopping_early:
+                self.nonfinite.settle()  # the saved counts must be current
+                self.save_checkpoint()
+                window.started = time.perf_counter()
+        self._finish()
+        return self.summary
+
+    def _start_run(self) -> None:
+        """Rank 0 writes the run dir's config and artifacts; logger, progress bar, the one-line intro."""
+        cfg, task, dist = self.cfg, self.task, self.dist
+        if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             task.save_artifacts(self.run_dir)
-        logger = MetricsLogger(self.run_dir if is_main else None, cfg.logger.tensorboard, cfg.logger.jsonl)
-        progress = Progress(tc.max_steps, self.step, task.unit, enabled=is_main, mode=tc.progress)
-        flops_per_item = task.flops_per_item(self.raw_model)
-        peak = peak_flops(self.device)
-        summary: dict[str, float] = {}
-        if is_main:
+        self.logger = MetricsLogger(self.run_dir if dist.is_main else None, cfg.logger.tensorboard, cfg.logger.jsonl)
+        self.progress = Progress(
+            cfg.trainer.max_steps, self.step, task.unit, enabled=dist.is_main, mode=cfg.trainer.progress
+        )
+        self.flops_per_item = task.flops_per_item(self.raw_model)
+        self.peak_flops = peak_flops(self.device)
+        self.summary: dict[str, float] = {}
+        if dist.is_main:
             n_params = sum(p.numel() for p in self.raw_model.parameters())
-            progress.message(
+            resumed = f", resumed from {self.resume_from.name}" if self.resume_from is not None else ""
+            self.progress.message(
                 f"{task.family}: {n_params / 1e6:.2f}M parameters on {self.device}, global batch "
-                f"{self.global_batch} ({tc.batch_size} x {dist.world_size} processes x {self.accumulation} "
-                f"accumulation), run dir {self.run_dir}"
+                f"{self.global_batch} ({cfg.trainer.batch_size} x {dist.world_size} processes x "
+                f"{self.accumulation} accumulation), run dir {self.run_dir}{resumed}"
             )
 
-        loss_sum = torch.zeros((), device=self.device)
-        steps_since_log = torch.zeros((), device=self.device)  # steps whose update was applied
-        items_since_log = 0
-        t_last = time.perf_counter()
-        self.model.train()
-        end = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
-        while self.step < end:
-            out = self.train_step(self.batches)
-            items_since_log += out.items
-            finite = torch.as_tensor(out.finite, device=self.device)
-            loss_sum += torch.where(finite, out.loss, 0.0)
-            steps_since_log += finite
-            grad_norm, extra_logs = out.grad_norm, out.logs
+    def _log(self, out: StepOutput, window: LogWindow) -> None:
+        """One train log line (the host sync of the window's loss); the task's extra scalars averaged over
+        ranks (every rank calls this at the same steps)."""
+        tc, unit = self.cfg.trainer, self.task.unit
+        elapsed = time.perf_counter() - window.started
+        rate = window.items / elapsed if elapsed > 0 else 0.0
+        values = {
+            "train/loss": window.loss_sum.item() / max(1.0, window.steps.item()),
+            "lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": out.grad_norm.item(),
+            f"train/{unit}_per_s": rate * self.dist.world_size,  # whole job
+            "train/nonfinite_steps": float(self.nonfinite.total),
+        }
+        if self.peak_flops:
+            values["train/mfu"] = self.flops_per_item * rate / self.peak_flops  # rate and peak are per GPU
+        if self.device.type == "cuda":
+            values["train/memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if tc.precision == "fp16":
+            values["train/loss_scale"] = self.scaler.get_scale()
+        if out.logs:
+            names = sorted(out.logs)
+            means = all_reduce_mean(torch.stack([out.logs[k].detach().float().reshape(()) for k in names]))
+            values.update(zip(names, means.tolist(), strict=True))
+        self.logger.scalars(self.step, values)
+        self.progress.update(self.step, values["train/loss"], rate)
+        self.summary.update(values)
+        window.reset()
 
-            last = self.step == end
-            logging = tc.log_every and (self.step % tc.log_every == 0 or last)
-            if logging or last or len(self._unsettled) >= 100:
-                self.settle_nonfinite()
-            for step in self.skipped_steps:
-                progress.message(f"step {step}: non-finite loss or gradient, update skipped")
-            self.skipped_steps.clear()
-            if logging:
-                elapsed = time.perf_counter() - t_last
-                rate = items_since_log / elapsed if elapsed > 0 else 0.0
-                values = {
-                    "train/loss": loss_sum.item() / max(1.0, steps_since_log.item()),
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm.item(),
-                    f"train/{task.unit}_per_s": rate * dist.world_size,  # whole job
-                    "train/nonfinite_steps": float(self.nonfinite_total),
-                }
-                if peak:
-                    values["train/mfu"] = flops_per_item * rate / peak  # rate and peak are per GPU
-                if self.device.type == "cuda":
-                    values["train/memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                if tc.precision == "fp16":
-                    values["train/loss_scale"] = self.scaler.get_scale()
-                values.update({k: float(v) for k, v in extra_logs.items()})
-                logger.scalars(self.step, values)
-                progress.update(self.step, values["train/loss"], rate)
-                summary.update(values)
-                loss_sum.zero_()
-                steps_since_log.zero_()
-                items_since_log = 0
-                t_last = time.perf_counter()
-            else:
-                progress.update(self.step)
+    def _evaluate_and_log(self) -> None:
+        """task.evaluate on every rank (its contract: the same numbers on each); rank 0 logs them."""
+        result = self.evaluate()
+        if not self.dist.is_main:
+            return
+        self.logger.scalars(self.step, result.scalars)
+        for tag, text in result.texts.items():
+            self.logger.text(self.step, tag, text)
+        for tag, image in result.images.items():
+            self.logger.image(self.step, tag, image)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in result.scalars.items())
+        self.progress.message(f"step {self.step}: {shown}")
+        self.summary.update(result.scalars)
 
-            if tc.eval_every and (self.step % tc.eval_every == 0 or last):
-                result = self._evaluate()
-                if is_main:
-                    logger.scalars(self.step, result.scalars)
-                    for tag, text in result.texts.items():
-                        logger.text(self.step, tag, text)
-                    for tag, image in result.images.items():
-                        logger.image(self.step, tag, image)
-                    shown = "  ".join(f"{k} {v:.4g}" for k, v in result.scalars.items())
-                    progress.message(f"step {self.step}: {shown}")
-                    summary.update(result.scalars)
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            stopping_early = last and end < tc.max_steps  # always leave a checkpoint to resume from
-            if (tc.ckpt_every and (self.step % tc.ckpt_every == 0 or last)) or stopping_early:
-                self.settle_nonfinite()  # the saved counts must be current
-                self.save_checkpoint()
-                t_last = time.perf_counter()
-
-        progress.close()
-        task.close()
+    def _finish(self) -> None:
+        """Close the task and the progress bar; export=gguf writes model.gguf into the run dir."""
+        cfg = self.cfg
+        self.progress.close()
+        self.task.close()
         if cfg.export.gguf:
             whole = full_model(self.raw_model)  # every rank: FSDP gathers the sharded weights
-        if cfg.export.gguf and is_main:
-            from abi_train.export import export_gguf
+            if self.dist.is_main:
+                from abi_train.export import export_gguf
 
-            tokenizer = self.run_dir / "tokenizer.json"
-            out = export_gguf(
-                whole,
-                {**self._meta(), "step": self.step},
-                tokenizer if tokenizer.is_file() else None,
-                self.run_dir / "model.gguf",
-                cfg.export.outtype,
-            )
-            progress.message(f"exported {out}")
-        logger.close()
-        return summary
+                tokenizer = self.run_dir / "tokenizer.json"
+                out = export_gguf(
+                    whole,
+                    {**self._meta(), "step": self.step},
+                    tokenizer if tokenizer.is_file() else None,
+                    self.run_dir / "model.gguf",
+                    cfg.export.outtype,
+                )
+                self.progress.message(f"exported {out}")
+        self.logger.close()
 
     @torch.no_grad()
-    def _evaluate(self):
+    def evaluate(self) -> EvalResult:
+        """The task's evaluation of the current model in eval mode, under the run's autocast."""
         self.model.eval()
         try:
-            with self._autocast():
+            with self.autocast():
                 return self.task.evaluate(self.model, self.device)
         finally:
             self.model.train()

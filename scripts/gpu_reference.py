@@ -1,11 +1,13 @@
 """The reference training steps that abi_train's bench is compared against, timed the same way.
 
     python scripts/gpu_reference.py nanogpt --batch 32 [--bias] [--eager] [--sync]
+    python scripts/gpu_reference.py nanogpt --shape cpu --batch 12 --device cpu --precision fp32 --eager --threads 2
     python scripts/gpu_reference.py timm-vit --batch 256
     python scripts/gpu_reference.py open-clip --batch 512
 
-Each builds the reference model on the GPU, one synthetic batch, bf16 autocast, fused AdamW, grad clip 1.0,
-torch.compile (unless --eager), and prints one JSON line with the fields of ``python -m abi_train.bench``
+Each builds the reference model on the GPU, one synthetic batch, bf16 autocast (--precision fp32: none, as
+nanoGPT's train.py on a CPU), AdamW as the reference configures it, grad clip 1.0, torch.compile (unless
+--eager), and prints one JSON line with the fields of ``python -m abi_train.bench``
 (abi_train.bench.time_steps/report do the timing). nanoGPT's model.py is not vendored: put a copy of
 karpathy/nanoGPT's model.py at .ref/nanogpt_model.py (git-ignored). timm and open_clip are imported.
 --sync adds one host sync per step (reading a finiteness flag), to price the trainer's per-step sync.
@@ -23,12 +25,19 @@ import torch.nn.functional as F
 
 from abi_train.bench import report, time_steps, write_profile
 
+# nanoGPT's model shapes: GPT-2 small, and the CPU shape of its README's "I only have a macbook" run
+# (4 layers, 4 heads, 128 wide, block 64) with a 2048-token vocabulary.
+NANOGPT_SHAPES = {
+    "gpt2-124m": {"vocab_size": 50304, "n_layer": 12, "n_head": 12, "n_embd": 768},
+    "cpu": {"vocab_size": 2048, "n_layer": 4, "n_head": 4, "n_embd": 128},
+}
 
-def nanogpt(batch: int, seq: int, device: torch.device, bias: bool = False):
+
+def nanogpt(batch: int, seq: int, device: torch.device, bias: bool = False, shape: str = "gpt2-124m"):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / ".ref"))
     from nanogpt_model import GPT, GPTConfig
 
-    cfg = GPTConfig(block_size=seq, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=bias)
+    cfg = GPTConfig(block_size=seq, dropout=0.0, bias=bias, **NANOGPT_SHAPES[shape])
     model = GPT(cfg).to(device)
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
     gen = torch.Generator().manual_seed(0)
@@ -38,7 +47,7 @@ def nanogpt(batch: int, seq: int, device: torch.device, bias: bool = False):
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     flops = 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq
     loss_fn = lambda m, b: m(*b)[1]
-    return model, opt, data, loss_fn, "tokens", batch * seq, flops, {"seq_len": seq, "bias": bias}
+    return model, opt, data, loss_fn, "tokens", batch * seq, flops, {"seq_len": seq, "bias": bias, "shape": shape}
 
 
 def timm_vit(batch: int, size: int, device: torch.device):
@@ -94,6 +103,9 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true", help="one host sync per step")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a quick check of this script")
     ap.add_argument("--profile", metavar="FILE", help="after timing, write a kernel table of 3 steps to FILE")
+    ap.add_argument("--shape", choices=sorted(NANOGPT_SHAPES), default="gpt2-124m", help="nanogpt: the model shape")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="fp32: no autocast")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     args = ap.parse_args()
@@ -102,13 +114,20 @@ def main() -> None:
     torch.manual_seed(1337)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     extra = {"bias": True} if args.bias else {}
+    if args.workload == "nanogpt":
+        extra["shape"] = args.shape
+        default_size = 64 if args.shape == "cpu" else default_size
     model, opt, data, loss_fn, unit, items, flops, sizes = build(args.batch, args.size or default_size, device, **extra)
     model.train()
     run = model if args.eager else torch.compile(model)
 
+    autocast = args.precision == "bf16"
+
     def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(run, data)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -131,7 +150,8 @@ def main() -> None:
         reference=args.workload,
         batch=args.batch,
         **sizes,
-        precision="bf16",
+        precision=args.precision,
+        threads=torch.get_num_threads(),
         compile=not args.eager,
         sync=args.sync,
         loss_first=losses[0],

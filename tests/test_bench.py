@@ -113,8 +113,8 @@ def test_device_side_skip_without_host_sync(tmp_path, cache_dir, monkeypatch):
     trainer = Trainer(cfg, task, tmp_path / "run", DistInfo())
     with pytest.raises(UserError, match=r"3 steps in a row with a non-finite loss or gradient \(last at step 6\)"):
         trainer.fit()
-    assert trainer.skip_on_device
-    assert trainer.nonfinite_total == 4  # step 2, then 4, 5, 6
+    assert trainer.nonfinite.on_device
+    assert trainer.nonfinite.total == 4  # step 2, then 4, 5, 6
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
     # The stop comes at the log step 8 (the next host sync); of the 8 steps only 1 and 3 were applied, and a
     # skipped step leaves AdamW's step count alone.

@@ -75,6 +75,37 @@ def test_multirun_sweep(tmp_path, cache_dir):
     assert losses(runs[0]) != losses(runs[1])
 
 
+def test_help_is_the_tools_own_page(tmp_path):
+    """--help: what abi_train is, the recipes with their results, the groups, the common keys with this
+    command's values, examples and where the full config is; Hydra's page stays behind --hydra-help."""
+    proc = run_abi(["recipe=vit", "trainer.precision=bf16", "--help"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    page = proc.stdout
+    assert page.startswith("abi_train: one PyTorch trainer") and "powered by Hydra" not in page
+    for recipe, result in (("llm", "val loss 5.6 -> 3.6"), ("vit", "95.4% val top-1"), ("clip", "zero-shot top-1 0.73")):
+        assert any(line.split()[:1] == [recipe] and result in line for line in page.splitlines()), recipe
+    assert "recipe: clip, llm, vit" in page and "model: clip-b16, clip-b32, clip-tiny" in page
+    # The values are those of this command: the vit recipe's steps and batch, the override, no LLM-only keys.
+    assert "trainer.max_steps=1500" in page and "trainer.batch_size=128" in page
+    assert "trainer.precision=bf16" in page and "trainer.global_batch_size=null" in page
+    assert "data.name=shapes" in page and "data.seq_len" not in page
+    examples = page[page.index("== Examples ==") :]
+    assert all(word in examples for word in ("-m recipe=", "resume=auto", "abi_train.export", "torchrun"))
+    assert "--cfg job" in page and "--hydra-help" in page
+    assert not (tmp_path / "runs").exists()
+    hydra_page = run_abi(["--hydra-help"], cwd=tmp_path)
+    assert hydra_page.returncode == 0 and "Hydra (" in hydra_page.stdout and "--cfg" in hydra_page.stdout
+
+
+def test_bench_help_ends_with_an_example(tmp_path):
+    proc = run_abi(["--help"], module="abi_train.bench", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("usage: python -m abi_train.bench") and "bench.steps=30" in proc.stdout
+    assert lines[-3].startswith("Example") and lines[-2].strip().startswith("python -m abi_train.bench recipe=")
+    assert not list(tmp_path.iterdir())
+
+
 BAD_INPUTS = [
     (["recipe=nope"], ["recipe/nope", "llm"]),
     (["model=nope"], ["model/nope", "tiny"]),
@@ -84,6 +115,7 @@ BAD_INPUTS = [
     (["data.seq_len=4096"], ["seq_len", "4096"]),
     (["data.files=/does/not/exist.txt"], ["/does/not/exist.txt"]),
     (["resume=true"], ["resume=true", "no checkpoint"]),
+    (["resume=maybe"], ["resume='maybe' is not known", "auto"]),
 ]
 
 

@@ -146,7 +146,8 @@ def test_resume_across_world_sizes_and_wrappers(runs):
 def test_one_run_dir_written_by_rank0_only(runs):
     run = runs["ddp"]
     assert {p.name for p in run.iterdir()} == {
-        ".hydra", "checkpoints", "config.yaml", "metrics.jsonl", "tensorboard", "tokenizer.json", "train.log"
+        ".hydra", "checkpoints", "config.yaml", "metrics.jsonl", "tensorboard", "tokenizer.json",
+        "tokenizer_config.json", "train.log",
     }  # fmt: skip
     assert len(read_metrics(run)) == STEPS  # one writer, not one per rank
     assert len(list((run / "tensorboard").iterdir())) == 1
@@ -294,3 +295,66 @@ def test_clip_ddp_two_processes_equal_one_batch_of_twice_the_size(tmp_path):
     for name in want:  # DDP already averaged the gradients: every rank holds the big batch's
         torch.testing.assert_close(ranks[0][name], want[name], msg=name)
         torch.testing.assert_close(ranks[1][name], want[name], msg=name)
+
+
+# --- evaluation: split across 2 ranks (Gloo), the numbers of one process ----------------------------
+EVAL_COMMON = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.log_every=1", "trainer.ckpt_every=0",
+               "trainer.progress=false", "trainer.num_workers=0", "optim.warmup_steps=1"]  # fmt: skip
+# Odd val sets: the ranks' shares differ by one item, so the padding and the extra forward calls are exercised.
+EVAL_FAMILIES = {
+    "llm": [*TINY_LLM, "trainer.eval_batches=3"],
+    "vit": ["recipe=vit", "model=vit-tiny", "data.num_train=32", "data.num_val=13", "trainer.eval_batches=4"],
+    "clip": ["recipe=clip", "model=clip-tiny", "data.num_train=32", "data.num_val=13", "data.num_zero_shot=11"],
+}
+
+
+def _eval_overrides(family: str, cache_dir: Path, batch_size: int) -> list[str]:
+    cache = [f"data.cache_dir={cache_dir}"] if family == "llm" else []
+    return [*EVAL_FAMILIES[family], *EVAL_COMMON, *cache, "trainer.device=cpu", f"trainer.batch_size={batch_size}"]
+
+
+# FSDP2 gathers weights inside every forward: a rank with one eval batch fewer would leave the other waiting.
+EVAL_PARALLEL = {"llm": "ddp", "vit": "fsdp", "clip": "fsdp"}
+
+
+def _eval_worker(rank: int, world: int, init_file: str, root: str, cache_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    # A collective that waits this long fails the test instead of hanging it.
+    timeout = datetime.timedelta(seconds=90)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+    try:
+        for family in EVAL_FAMILIES:
+            overrides = [*_eval_overrides(family, Path(cache_dir), 2), f"trainer.parallel={EVAL_PARALLEL[family]}"]
+            train_here_on(Path(root) / family, overrides, DistInfo(rank, rank, world))
+    finally:
+        dist.destroy_process_group()
+
+
+def train_here_on(run_dir: Path, overrides: list[str], info: DistInfo) -> None:
+    cfg = compose_cfg(overrides)
+    Trainer(cfg, task_class(cfg.task)(cfg, info), run_dir, info).fit()
+
+
+def test_evaluation_on_two_processes_equals_one_process(tmp_path, cache_dir):
+    """Every family's validation scalars (and train logs) from 2 Gloo processes x batch 2 (DDP; FSDP2 for
+    ViT and CLIP) equal one process x batch 4: the ranks split the val items, reduce sums and gather CLIP's
+    embeddings for retrieval, with as many forward calls on each rank."""
+    for family in EVAL_FAMILIES:  # one process first: it also fills the LLM's tokenizer cache
+        train_here_on(tmp_path / "one" / family, _eval_overrides(family, cache_dir, 4), DistInfo())
+    mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), str(cache_dir)), nprocs=2)
+    for family in EVAL_FAMILIES:
+        one, two = (read_metrics(tmp_path / n / family) for n in ("one", "two"))
+        val_one = {k: v for row in one for k, v in row.items() if k.startswith("val/")}
+        val_two = {k: v for row in two for k, v in row.items() if k.startswith("val/")}
+        assert "val/loss" in val_one and val_one.keys() == val_two.keys(), family
+        if family == "clip":
+            assert {"val/i2t_r@1", "val/t2i_r@10", "val/zero_shot_top1"} <= val_one.keys()
+        for key in val_one:
+            assert val_two[key] == pytest.approx(val_one[key], rel=1e-5, abs=1e-6), f"{family} {key}"
+        for key in ("train/loss", "train/logit_scale", "train/top1"):
+            if key in one[-1]:
+                assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-5), f"{family} {key}"

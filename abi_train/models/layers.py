@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -122,13 +123,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias if proj_bias is None else proj_bias)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # Heads out of the feature dim, in front of time: SDPA's (B, H, T, D). einops compiles to the same
+        # view + transpose (no graph break); in eager mode it adds ~8 us per call on the host.
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", d=self.head_dim) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         # The pin sits inside forward so torch.compile traces it (a context around the compiled call is not
@@ -142,7 +142,7 @@ class Attention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
-        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 MLP_KINDS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")

@@ -82,7 +82,14 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
-        """Validation metrics and media. Called on every rank; only rank 0's result is logged."""
+        """Validation metrics and media; called on every rank at the same steps (no_grad, the run's autocast).
+
+        The contract, the same for every family: the ranks share the items out (``distributed.eval_shard``);
+        every rank makes as many forward calls as the others, a number known up front (FSDP gathers weights
+        inside each: ``distributed.eval_batch_count``, ``pad_batches``); the scalars are reduced (sums via
+        ``all_reduce_sum``; metrics that need every item, such as retrieval, via ``gather_shards``). So every
+        rank returns the numbers one process returns for the same global batch. Only rank 0's is logged.
+        """
 
     def model_options(self, arch: str) -> dict[str, Any]:
         """The resolved ``model`` config as plain kwargs, checked to be of this task's ``arch``; with

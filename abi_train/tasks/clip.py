@@ -21,11 +21,13 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import DataLoader
 
+from abi_train.data import data_source
 from abi_train.data.augment import EvalTransform, Normalize
-from abi_train.data.pairs import SOT, CaptionEncoder, PairDataset, collate_pairs, load_pairs
+from abi_train.data.pairs import SOT, CaptionEncoder, PairDataset, collate_pairs
 from abi_train.data.sampler import GlobalBatchSampler
-from abi_train.data.synthetic_pairs import CLASS_NAMES, TEMPLATES, SyntheticPairs, SyntheticZeroShot, with_article
+from abi_train.data.synthetic_pairs import with_article
 from abi_train.data.tokenizer import EOS, Tokenizer
+from abi_train.distributed import all_reduce_sum, eval_shard, gather_shards
 from abi_train.errors import UserError
 from abi_train.losses import clip_loss, siglip_loss
 from abi_train.tasks.base import EvalResult, Task
@@ -45,42 +47,69 @@ class CLIPTask(Task):
     supports_accumulation: ClassVar[bool] = False
 
     def setup(self, artifact_dir: Path | None) -> None:
+        """With init_from (``self.pretrained``) the source gives the image size, context length, vocabulary
+        size, end-of-text id and normalisation (its image_mean/image_std win over data.image_mean/std) and
+        its tokenizer when it has one (else data.tokenizer; an imported CLIP without either is an error:
+        a freshly trained tokenizer would not match its embeddings). The loss must be the source's: an
+        imported CLIP has no SigLIP bias."""
         cfg, d = self.cfg, self.cfg.data
         self.loss_name = cfg.get("loss", "clip")
         if self.loss_name not in LOSSES:
             raise UserError(f"loss={self.loss_name!r} is not known; valid: {', '.join(LOSSES)}")
-        if d.name not in ("captions", "pairs"):
-            raise UserError(f"data={d.name!r} is not caption data; use data=captions or data=pairs")
-        self.image_size = int(cfg.model.image_size)
+        data = data_source(d, self.family)  # before any data.KEY: a wrong group is one line, not a missing key
+        source = self.pretrained.model_config if self.pretrained is not None else None
+        if source is not None and source.get("arch") != "clip":
+            raise UserError(
+                f"init_from={self.pretrained.path} holds a {source.get('arch')!r} model but this run trains 'clip' "
+                "models; pick the recipe of that architecture"
+            )
+        if source is not None and source.get("loss", "clip") != self.loss_name:
+            bias = "has no" if source.get("loss", "clip") == "clip" else "has a"
+            raise UserError(
+                f"loss={self.loss_name} but init_from={self.pretrained.path} is a {source.get('loss', 'clip')}-loss "
+                f"CLIP (it {bias} logit_bias); use loss={source.get('loss', 'clip')}"
+            )
+        self.image_size = int(source["image_size"] if source is not None else cfg.model.image_size)
+        self.context_length = int(source["context_length"] if source is not None else cfg.model.context_length)
         self.mean, self.std = tuple(d.image_mean), tuple(d.image_std)
+        info = self.pretrained.metadata if self.pretrained is not None else {}
+        if info.get("image_mean") and info.get("image_std"):
+            self.mean, self.std = tuple(info["image_mean"]), tuple(info["image_std"])
         self.skipped = 0
-        if d.name == "captions":
-            seed = int(d.seed)
-            train = SyntheticPairs("train", self.image_size, int(d.num_train), seed, hold_out=bool(d.hold_out))
-            val = SyntheticPairs("val", self.image_size, int(d.num_val), seed)
-            self.zero_shot = SyntheticZeroShot(self.image_size, int(d.num_zero_shot), seed)
-            self.class_names, self.templates = list(CLASS_NAMES), list(TEMPLATES)
-            self.held_out = set(SyntheticZeroShot.held_out_classes) if d.hold_out else set()
-        else:
-            train, val, self.zero_shot = load_pairs(d)
-            self.class_names = self.zero_shot.class_names if self.zero_shot else []
-            self.templates, self.held_out = list(d.templates), set()
+        pairs = data.open(d, image_size=self.image_size)
+        train, val, self.zero_shot = pairs.train, pairs.val, pairs.zero_shot
+        self.class_names, self.templates, self.held_out = pairs.class_names, pairs.templates, pairs.held_out
 
         tokenizer_path = d.get("tokenizer")
         if artifact_dir is not None and (Path(artifact_dir) / "tokenizer.json").is_file():
             tokenizer_path = Path(artifact_dir) / "tokenizer.json"  # resume: the run's own tokenizer
-        if tokenizer_path:
+        resumed = tokenizer_path is not None and tokenizer_path != d.get("tokenizer")
+        if self.pretrained is not None and self.pretrained.tokenizer is not None and not resumed:
+            self.tokenizer = self.pretrained.tokenizer
+        elif tokenizer_path:
             self.tokenizer = Tokenizer.load(tokenizer_path)
+        elif self.pretrained is not None:
+            raise UserError(
+                f"init_from={self.pretrained.path} brings no tokenizer (no tokenizer.json); "
+                "set data.tokenizer to the tokenizer.json its text tower was trained with"
+            )
         else:
             # Every rank trains the same tokenizer from the same captions (deterministic, no barrier).
             self.tokenizer = Tokenizer.train(train.captions(), int(d.vocab_size), special_tokens=(EOS, SOT))
         self.vocab_size = cfg.model.get("vocab_size") or self.tokenizer.vocab_size
+        if source is not None:
+            self.vocab_size = int(source["vocab_size"])
         if self.tokenizer.vocab_size > self.vocab_size:
             raise UserError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size="
                 f"{self.vocab_size}; raise model.vocab_size or set it to null (the tokenizer's size)"
             )
-        self.encoder = CaptionEncoder(self.tokenizer, int(cfg.model.context_length))
+        self.encoder = CaptionEncoder(self.tokenizer, self.context_length)
+        if source is not None and self.encoder.eot_id != source["eot_id"]:
+            raise UserError(
+                f"the tokenizer's end-of-text id {self.encoder.eot_id} is not the {source['eot_id']} that "
+                f"init_from={self.pretrained.path} pools at; use the tokenizer the model was trained with"
+            )
         # No random augmentation: flips and crops would contradict captions such as "left of".
         self.transform = EvalTransform(self.image_size)
         self.normalize = Normalize(self.mean, self.std)
@@ -143,59 +172,79 @@ class CLIPTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
-        """val/loss (in batches of the global batch size, as in training) and retrieval recall@1/5/10 over
-        the whole val set; zero-shot top-1/top-5 over the zero-shot images. Every rank evaluates everything
-        on its own, so the loss runs without the cross-rank gather."""
+        """val/loss (in chunks of the global batch size, as in training) and retrieval recall@1/5/10 over
+        the whole val set; zero-shot top-1/top-5 over the zero-shot images. Each rank embeds its share of
+        the items; the embeddings are gathered, so every rank computes one process's numbers."""
         raw = unwrap(model)
-        size = self.cfg.trainer.batch_size * self.dist.world_size  # CLIP never accumulates
-        imgs, txts, losses, val_skipped = [], [], [], 0
-        for start in range(0, len(self.val_set), size):
-            items = [self.val_set[i] for i in range(start, min(start + size, len(self.val_set)))]
+        dist = self.dist
+        n, size = len(self.val_set), self.cfg.trainer.batch_size
+        mine = list(eval_shard(n, dist.rank, dist.world_size))
+        real = len(mine)
+        # Every rank embeds ceil(n / world) items (the short shards repeat item 0, dropped by the gather),
+        # so all ranks make the same number of forward calls.
+        mine += [0] * (-(-n // dist.world_size) - real)
+        imgs, txts, val_skipped = [], [], 0
+        for start in range(0, len(mine), size):
+            items = [self.val_set[i] for i in mine[start : start + size]]
+            val_skipped += sum(x["skipped"] for x in items[: max(0, real - start)])
             batch = self.to_device(collate_pairs(items), device)
-            val_skipped += batch["skipped"]
             img, txt, scale, bias = raw(self.normalize(batch["images"]), batch["tokens"])
-            img, txt = img.float(), txt.float()
-            losses.append(self._loss(img, txt, scale, bias, gather=_identity, rank=0) * len(items))
-            imgs.append(img)
-            txts.append(txt)
-            if start == 0:
-                shown = items[:SIM_PAIRS]
-        img, txt = torch.cat(imgs), torch.cat(txts)
+            imgs.append(img.float())
+            txts.append(txt.float())
+        img, txt = gather_shards(torch.cat(imgs), n), gather_shards(torch.cat(txts), n)
+        chunk = size * dist.world_size  # the global batch: CLIP never accumulates
+        losses = [
+            self._loss(img[i : i + chunk], txt[i : i + chunk], scale, bias, gather=_identity, rank=0)
+            * len(img[i : i + chunk])
+            for i in range(0, n, chunk)
+        ]
         sim = img @ txt.T  # (images, captions); the match of row i is column i
-        scalars = {"val/loss": (torch.stack(losses).sum() / len(img)).item()}
+        scalars = {"val/loss": (torch.stack(losses).sum() / n).item()}
         scalars |= _recall(sim, "i2t") | _recall(sim.T, "t2i")
         if self.zero_shot is not None:
             scalars |= self._zero_shot(raw, device)
-        scalars["data/skipped_images"] = float(self.skipped)
-        if val_skipped:
-            scalars["data/skipped_val_images"] = float(val_skipped)
+        counts = all_reduce_sum(torch.tensor([self.skipped, val_skipped], dtype=torch.float64, device=device))
+        scalars["data/skipped_images"] = counts[0].item()
+        if counts[1]:
+            scalars["data/skipped_val_images"] = counts[1].item()
+        shown = [self.val_set[i] for i in range(min(SIM_PAIRS, n))]
         thumbs = torch.stack([x["image"] for x in shown]).permute(0, 2, 3, 1)
         image = _similarity_image(sim[: len(shown), : len(shown)].cpu(), thumbs.numpy())
         captions = "\n".join(f"{i}: {x['caption']}" for i, x in enumerate(shown))
         return EvalResult(scalars, texts={"val/similarity_captions": captions}, images={"val/similarity": image})
 
     def _zero_shot(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Class embeddings = renormalised mean over the prompt templates; top-1/top-5 over the images."""
-        size = self.cfg.trainer.batch_size
+        """Class embeddings = renormalised mean over the prompt templates (every rank embeds all prompts);
+        the ranks share out the images and gather their (logits, label) rows; top-1/top-5 over them."""
+        size, dist = self.cfg.trainer.batch_size, self.dist
         prompts = [t.format(with_article(name)) for name in self.class_names for t in self.templates]
         tokens = torch.stack([self.encoder(p) for p in prompts])
         emb = torch.cat(
             [model.encode_text(tokens[i : i + size].to(device)).float() for i in range(0, len(tokens), size)]
         )
         class_emb = nn.functional.normalize(emb.view(len(self.class_names), len(self.templates), -1).mean(1), dim=-1)
-        items = [x for x in (self.zero_shot[i] for i in range(len(self.zero_shot))) if x is not None]
-        logits = []
+        n = len(self.zero_shot)
+        mine = list(eval_shard(n, dist.rank, dist.world_size))
+        mine += [None] * (-(-n // dist.world_size) - len(mine))  # padding rows: same forward calls everywhere
+        items = [self.zero_shot[i] if i is not None else None for i in mine]
+        blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        rows = []  # per item: its class logits, then its label (-1: unreadable or padding)
         for start in range(0, len(items), size):
-            images = torch.stack([self.transform(image) for image, _ in items[start : start + size]])
-            logits.append(model.encode_image(self.normalize(images.to(device))).float() @ class_emb.T)
-        labels = torch.tensor([label for _, label in items], device=device)
-        top = torch.cat(logits).topk(min(5, len(class_emb)), dim=1).indices
+            part = items[start : start + size]
+            images = torch.stack([blank if x is None else self.transform(x[0]) for x in part])
+            logits = model.encode_image(self.normalize(images.to(device))).float() @ class_emb.T
+            labels = torch.tensor([-1 if x is None else x[1] for x in part], device=device, dtype=logits.dtype)
+            rows.append(torch.cat([logits, labels[:, None]], dim=1))
+        table = gather_shards(torch.cat(rows), n)
+        table = table[table[:, -1] >= 0]
+        logits, labels = table[:, :-1], table[:, -1].long()
+        top = logits.topk(min(5, len(class_emb)), dim=1).indices
         hit1 = top[:, 0] == labels
         out = {
             "val/zero_shot_top1": hit1.float().mean().item(),
             "val/zero_shot_top5": (top == labels[:, None]).any(1).float().mean().item(),
         }
-        held = torch.tensor([label in self.held_out for _, label in items], device=device)
+        held = torch.tensor([label in self.held_out for label in labels.tolist()], device=device, dtype=torch.bool)
         if held.any():
             out["val/zero_shot_top1_held_out"] = hit1[held].float().mean().item()
         return out

@@ -14,15 +14,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from abi_train.data import data_source
 from abi_train.data.sampler import GlobalBatchSampler
-from abi_train.data.text import load_text_data
 from abi_train.data.tokenizer import Tokenizer
-from abi_train.data.tokens import TokenWindows, collate_windows, load_shards
-from abi_train.distributed import main_first
+from abi_train.data.tokens import TokenWindows, collate_windows
+from abi_train.distributed import all_reduce_sum, eval_batch_count, eval_shard, main_first
 from abi_train.errors import UserError
 from abi_train.tasks.base import EvalResult, Task
 from abi_train.utils import unwrap
@@ -37,6 +36,7 @@ class LLMTask(Task):
 
     def setup(self, artifact_dir: Path | None) -> None:
         d, source = self.cfg.data, self.pretrained
+        data = data_source(d, self.family)  # before any data.KEY: a wrong group is one line, not a missing key
         self.seq_len = int(d.seq_len)
         context = (source.model_config if source else self.cfg.model).get("context_length")
         if context is not None and self.seq_len > context:
@@ -56,25 +56,9 @@ class LLMTask(Task):
         if artifact_dir is not None and (Path(artifact_dir) / "tokenizer.json").is_file():
             tokenizer = Tokenizer.load(Path(artifact_dir) / "tokenizer.json")  # resume: the run's own tokenizer
 
-        with main_first(self.dist):
-            if d.name == "shards":
-                if not d.get("path"):
-                    raise UserError("data=shards needs data.path=DIR (a folder from scripts/make_token_shards.py)")
-                shards = load_shards(d.path, tokenizer)
-                train, val, self.tokenizer = shards.train, shards.val, shards.tokenizer
-            elif d.name == "text":
-                files = d.files
-                text = load_text_data(
-                    OmegaConf.to_container(files) if OmegaConf.is_config(files) else files,
-                    d.text_field,
-                    float(d.val_fraction),
-                    tokenizer,
-                    int(d.vocab_size),
-                    d.get("cache_dir"),
-                )
-                train, val, self.tokenizer = [text.train], [text.val], text.tokenizer
-            else:
-                raise UserError(f"data={d.name!r} is not LLM data; use data=text or data=shards")
+        with main_first(self.dist):  # rank 0 tokenizes and caches first; the others then read the cache
+            tokens = data.open(d, tokenizer=tokenizer)
+        train, val, self.tokenizer = tokens.train, tokens.val, tokens.tokenizer
 
         self.vocab_size = (source.model_config if source else self.cfg.model).get("vocab_size") or 64 * math.ceil(
             self.tokenizer.vocab_size / 64
@@ -128,23 +112,35 @@ class LLMTask(Task):
         return unwrap(model).flops_per_token()
 
     def _val_indices(self) -> list[int]:
-        """The same validation windows every time: evenly spread over the whole split."""
-        n = min(len(self.val_set), self.cfg.trainer.eval_batches * self.cfg.trainer.batch_size)
+        """The same validation windows every time: evenly spread over the whole split; eval_batches
+        batches of the global batch size, so their number does not depend on the number of processes."""
+        tc = self.cfg.trainer
+        n = min(len(self.val_set), tc.eval_batches * (tc.global_batch_size or tc.batch_size * self.dist.world_size))
         return np.linspace(0, len(self.val_set) - 1, n).round().astype(int).tolist()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
+        """val/loss over fixed windows spread over the split; the ranks share them out and sum (loss x
+        tokens, tokens), so any world size gives one process's number. The sample continues a fixed prompt."""
         was_training = model.training
         model.eval()
         try:
             indices, batch_size = self._val_indices(), self.cfg.trainer.batch_size
-            total, count = torch.zeros((), device=device), 0
-            for i in range(0, len(indices), batch_size):
-                x, y = self.to_device(collate_windows([self.val_set[j] for j in indices[i : i + batch_size]]), device)
-                total += model(x, y).float() * x.numel()
-                count += x.numel()
-            loss = (total / count).item()
+            mine = [indices[i] for i in eval_shard(len(indices), self.dist.rank, self.dist.world_size)]
+            stats = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss x tokens, tokens
+            # As many batches on every rank (FSDP: each forward is collective); a short shard's last ones
+            # run on window 0 and are not counted.
+            for b in range(eval_batch_count(len(indices), self.dist.world_size, batch_size)):
+                part = mine[b * batch_size : (b + 1) * batch_size]
+                x, y = self.to_device(collate_windows([self.val_set[j] for j in part or indices[:1]]), device)
+                loss = model(x, y)
+                if part:
+                    stats[0] += loss.double() * x.numel()
+                    stats[1] += x.numel()
+            total, count = all_reduce_sum(stats).tolist()
+            loss = total / count
             # A local generator: sampling must not move the global RNG, or resumed runs would diverge.
+            # Every rank samples (under FSDP each forward is collective); rank 0's text is logged.
             gen = torch.Generator(device=device).manual_seed(0)
             prompt = torch.tensor([self.tokenizer.encode(SAMPLE_PROMPT)], device=device)
             out = unwrap(model).generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=40, generator=gen)

@@ -14,17 +14,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from abi_train.checkpoint import load_meta
+from abi_train.data import data_source
 from abi_train.data.augment import EvalTransform, Normalize, TrainTransform, draw_mix
-from abi_train.data.images import collate_images, open_image_data, split_off
+from abi_train.data.images import collate_images
 from abi_train.data.sampler import GlobalBatchSampler
-from abi_train.data.synthetic import ShapesDataset
+from abi_train.distributed import all_reduce_sum, eval_batch_count, eval_shard, pad_batches
 from abi_train.errors import UserError
 from abi_train.tasks.base import EvalResult, Task
 from abi_train.utils import unwrap
@@ -100,33 +100,48 @@ class ViTTask(Task):
     unit: ClassVar[str] = "images"
 
     def setup(self, artifact_dir: Path | None) -> None:
+        """With init_from (``self.pretrained``) the source decides what the weights were trained for: its
+        image size (a different data.image_size is an error: position-embedding interpolation is not done),
+        its normalisation (the source's image_mean/image_std win over data.mean/data.std; a source that does
+        not say, e.g. an HF folder without preprocessor_config.json, keeps the data's) and its head (the data
+        must have as many classes). The data's class names are the ones stored with the run."""
         d, seed = self.cfg.data, int(self.cfg.trainer.seed)
-        arch = self.cfg.model.get("arch")
+        source = self.pretrained.model_config if self.pretrained is not None else None
+        arch = source["arch"] if source is not None else self.cfg.model.get("arch")
         if arch != "vit":
             raise UserError(
                 f"task vit needs a ViT model (model.arch=vit), got arch {arch!r}; "
                 "use model=vit-tiny, vit-s16 or vit-b16"
             )
+        data = data_source(d, self.family)  # before any data.KEY: a wrong group is one line, not a missing key
         self.image_size = d.get("image_size") or self.cfg.model.get("image_size")
+        if source is not None:
+            if d.get("image_size") and int(d.image_size) != source["image_size"]:
+                raise UserError(
+                    f"data.image_size={d.image_size} differs from the {source['image_size']} px of init_from="
+                    f"{self.pretrained.path}; drop data.image_size (resizing position embeddings is not supported)"
+                )
+            self.image_size = source["image_size"]
         if not self.image_size:
             raise UserError("no image size: set data.image_size or model.image_size")
-        if d.name == "shapes":
-            train: Dataset = ShapesDataset("train", self.image_size, int(d.num_train), int(d.seed))
-            val: Dataset = ShapesDataset("val", self.image_size, int(d.num_val), int(d.seed))
-            self.class_names = list(ShapesDataset.class_names)
-        elif d.name == "images":
-            data = open_image_data(d.path, d.image_field, d.label_field, d.get("val_path"))
-            train, val, self.class_names = data.train, data.val, data.class_names
-            if val is None:
-                train, val = split_off(train, float(d.val_fraction))  # fixed: the same val set for every seed
-        else:
-            raise UserError(f"data={d.name} is not an image dataset; use data=shapes or data=images")
+        images = data.open(d, image_size=self.image_size)
+        train, val, self.class_names = images.train, images.val, images.class_names
         if artifact_dir is not None:
             stored = load_meta(artifact_dir)["metadata"].get("class_names")
             if stored != self.class_names:
                 raise UserError(f"the classes of the data differ from those of checkpoint {artifact_dir}")
 
         self.mean, self.std = tuple(d.mean), tuple(d.std)
+        if source is not None:
+            n, head = len(self.class_names), source.get("num_classes") or 0
+            if head != n:
+                raise UserError(
+                    f"init_from={self.pretrained.path} has a {head}-class head but the data has {n} classes; "
+                    "a fresh head for new classes comes with the fine-tuning work"
+                )
+            info = self.pretrained.metadata
+            if info.get("image_mean") and info.get("image_std"):
+                self.mean, self.std = tuple(info["image_mean"]), tuple(info["image_std"])
         self.normalize = Normalize(self.mean, self.std)
         a = d.augment
         self.label_smoothing = float(a.label_smoothing)
@@ -198,18 +213,25 @@ class ViTTask(Task):
         return unwrap(model).flops_per_image()
 
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
-        """Loss, top-1 and top-5 over the first eval_batches x batch_size val images (sharded by rank)."""
+        """Loss, top-1 and top-5 over the first eval_batches x global batch size val images: the ranks share
+        them out and sum, so any world size gives one process's numbers. The grid shows rank 0's images."""
         tc = self.cfg.trainer
-        n = min(len(self.val_set), int(tc.eval_batches) * int(tc.batch_size))
-        shard = Subset(self.val_set, range(self.dist.rank, n, self.dist.world_size))
+        global_batch = int(tc.global_batch_size or tc.batch_size * self.dist.world_size)
+        n = min(len(self.val_set), int(tc.eval_batches) * global_batch)
+        shard = Subset(self.val_set, eval_shard(n, self.dist.rank, self.dist.world_size))
         loader = self._loader(shard, batch_size=int(tc.batch_size), collate_fn=collate_images)
         # Sums of: loss, top-1 hits, top-5 hits, images, skipped val images, skipped train images.
         stats = torch.zeros(6, dtype=torch.float64, device=device)
         stats[5] = self.skipped
         shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for batch in loader:
-            stats[4] += batch["skipped"]
-            if len(batch["labels"]) == 0:
+        size = self.image_size
+        # As many forward calls on every rank (FSDP: each is collective): a short shard, or a batch whose
+        # images were all unreadable, runs one blank image that is not counted.
+        for batch in pad_batches(loader, eval_batch_count(n, self.dist.world_size, int(tc.batch_size))):
+            if batch is not None:
+                stats[4] += batch["skipped"]
+            if batch is None or len(batch["labels"]) == 0:
+                model(torch.zeros(1, 3, size, size, device=device))
                 continue
             images, labels = batch["images"], batch["labels"].to(device)
             logits = model(self.normalize(images.to(device))).float()
@@ -220,9 +242,7 @@ class ViTTask(Task):
             stats[3] += len(labels)
             if sum(len(s[0]) for s in shown) < GRID_IMAGES:
                 shown.append((images[:GRID_IMAGES], top[:GRID_IMAGES, 0].cpu(), labels[:GRID_IMAGES].cpu()))
-        if torch_dist.is_available() and torch_dist.is_initialized():
-            torch_dist.all_reduce(stats)
-        loss, top1, top5, count, val_skipped, train_skipped = stats.tolist()
+        loss, top1, top5, count, val_skipped, train_skipped = all_reduce_sum(stats).tolist()
         count = max(count, 1.0)
         scalars = {
             "val/loss": loss / count,
