@@ -158,7 +158,7 @@ def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] |
         trainer.device,
         task.unit,
         timing["outputs"][0].items,  # this rank's items in one optimizer step
-        task.flops_per_item(trainer.raw_model),
+        trainer.raw_model.flops_per_item(),
         timing,
         recipe=overrides_value(overrides, "recipe") or cfg.task,
         model=overrides_value(overrides, "model") or cfg.model.get("name"),
@@ -182,7 +182,7 @@ def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] |
 
 
 def write_profile(step: Callable[[], Any], path: str, device: torch.device, steps: int = 3) -> None:
-    """Kernel time table of ``steps`` calls of ``step`` (torch.profiler), sorted by device time."""
+    """Kernel time table of ``steps`` calls of ``step`` (torch.profiler), sorted by device (CPU runs: CPU) time."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -191,7 +191,8 @@ def write_profile(step: Callable[[], Any], path: str, device: torch.device, step
             step()
         if cuda:
             torch.cuda.synchronize(device)
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90)
+    order = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=order, row_limit=60, max_name_column_width=90)
     with open(path, "w") as f:
         f.write(f"{steps} steps\n{table}\n")
 

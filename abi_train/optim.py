@@ -31,7 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     if cfg.name != "adamw":
         raise UserError(f"optim.name={cfg.name!r} is not known; valid: adamw")
     if cfg.lr <= 0:

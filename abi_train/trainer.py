@@ -280,7 +280,7 @@ class Trainer:
     def _setup_optimization(self) -> None:
         """Optimizer, schedule, GradScaler, the non-finite guard; their state on resume."""
         cfg, raw = self.cfg, self.raw_model
-        self.optimizer = build_optimizer(raw, cfg.optim, self.device)
+        self.optimizer = build_optimizer(raw, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.trainer.precision == "fp16")
         self.params = [p for p in raw.parameters() if p.requires_grad]
@@ -469,7 +469,7 @@ class Trainer:
         self.progress = Progress(
             cfg.trainer.max_steps, self.step, task.unit, enabled=dist.is_main, mode=cfg.trainer.progress
         )
-        self.flops_per_item = task.flops_per_item(self.raw_model)
+        self.flops_per_item = self.raw_model.flops_per_item()
         self.peak_flops = peak_flops(self.device)
         self.summary: dict[str, float] = {}
         if dist.is_main:

@@ -82,7 +82,11 @@ def test_help_is_the_tools_own_page(tmp_path):
     assert proc.returncode == 0, proc.stderr
     page = proc.stdout
     assert page.startswith("abi_train: one PyTorch trainer") and "powered by Hydra" not in page
-    for recipe, result in (("llm", "val loss 5.6 -> 3.6"), ("vit", "95.4% val top-1"), ("clip", "zero-shot top-1 0.73")):
+    for recipe, result in (
+        ("llm", "val loss 5.6 -> 3.6"),
+        ("vit", "95.4% val top-1"),
+        ("clip", "zero-shot top-1 0.73"),
+    ):
         assert any(line.split()[:1] == [recipe] and result in line for line in page.splitlines()), recipe
     assert "recipe: clip, llm, vit" in page and "model: clip-b16, clip-b32, clip-tiny" in page
     # The values are those of this command: the vit recipe's steps and batch, the override, no LLM-only keys.

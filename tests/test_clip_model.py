@@ -121,12 +121,12 @@ def test_bad_options_are_user_errors():
         build_model({**TINY, "loss": "triplet"})
 
 
-def test_flops_per_pair():
+def test_flops_per_item():
     model = tiny()
     # Text tower alone, by hand: 2 layers x (2 x 32 tokens x (4*64^2 + 2*64*256) + 4 x 32^2 x 64), x3.
     text = 3 * 2 * (2 * 32 * (4 * 64 * 64 + 2 * 64 * 256) + 4 * 32 * 32 * 64)
     projections = 3 * 2 * 64 * (64 + 64)
-    assert model.flops_per_pair() == model.vision.flops_per_image() + text + projections
+    assert model.flops_per_item() == model.vision.flops_per_item() + text + projections
 
 
 def test_golden_embeddings():

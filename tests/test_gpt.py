@@ -142,14 +142,14 @@ def test_every_size_builds(size):
         assert abs(m.num_params() - expected[size]) / expected[size] < 1e-3
 
 
-def test_flops_per_token_matches_the_palm_formula():
+def test_flops_per_item_matches_the_palm_formula():
     with torch.device("meta"):
         m = build_model(model_cfg("gpt2-124m"))
     c = m.cfg
     # 6N + 12*L*d*T with N = every parameter but the position table (the tied embedding is the lm_head
     # matmul); norm_f's 1536 parameters are the only ones the implementation leaves out.
     n = m.num_params() - c.context_length * c.d_model
-    assert abs(m.flops_per_token() - (6 * n + 12 * c.n_layer * c.d_model * c.context_length)) <= 6 * 2 * c.d_model
+    assert abs(m.flops_per_item() - (6 * n + 12 * c.n_layer * c.d_model * c.context_length)) <= 6 * 2 * c.d_model
     assert m.num_params(exclude_embeddings=True) == m.num_params() - (c.vocab_size + c.context_length) * c.d_model
 
 

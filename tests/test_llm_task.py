@@ -66,7 +66,7 @@ def test_setup_batches_loss_and_artifacts(llm_cache: Path, tmp_path: Path) -> No
     assert task.items_in((x, y)) == 128
     loss, logs = task.loss(model, (x, y))
     assert logs == {} and abs(loss.item() - math.log(512)) < 0.5  # near uniform at init
-    assert task.flops_per_item(model) > 6 * sum(p.numel() for p in model.blocks.parameters())
+    assert model.flops_per_item() > 6 * sum(p.numel() for p in model.blocks.parameters())
 
     task.save_artifacts(tmp_path)
     assert Tokenizer.load(tmp_path / "tokenizer.json").fingerprint == task.tokenizer.fingerprint

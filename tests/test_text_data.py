@@ -183,7 +183,11 @@ def test_shards_equal_in_memory_tokens(tmp_path: Path, tok: Tokenizer) -> None:
     shards = load_shards(out)
     assert isinstance(shards.train[0], np.memmap) and len(shards.train) > 2
     assert all(len(a) == 200 for a in shards.train[:-1])
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".bin")) == ["meta.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".bin")) == [
+        "meta.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     memory = load(files, tmp_path, tok)
     np.testing.assert_array_equal(np.concatenate(shards.train), memory.train)
     np.testing.assert_array_equal(np.concatenate(shards.val), memory.val)

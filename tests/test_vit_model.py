@@ -129,12 +129,12 @@ def test_flops_formula():
     model = tiny()
     d, f, T, P, L = 64, 256, 17, 16, 2
     forward = 2 * T * L * (4 * d * d + 2 * d * f) + 2 * P * 3 * 8 * 8 * d + 2 * d * 12 + 4 * T * T * d * L
-    assert model.flops_per_image() == 3 * forward
+    assert model.flops_per_item() == 3 * forward
     # Dominated by 6 x parameters x tokens for a big model (attention is a small part at 197 tokens).
     with torch.device("meta"):
         big = build_model({**TINY, "image_size": 224, "patch_size": 16, "width": 768, "depth": 12, "heads": 12})
     block_params = sum(p.numel() for p in big.blocks.parameters())
-    assert 1.0 < big.flops_per_image() / (6 * block_params * 197) < 1.15
+    assert 1.0 < big.flops_per_item() / (6 * block_params * 197) < 1.15
 
 
 def test_golden_outputs():

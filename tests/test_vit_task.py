@@ -58,7 +58,6 @@ def test_setup_batches_loss_and_metadata():
     loss, logs = task.loss(model, batch)
     assert loss.item() == pytest.approx(np.log(12), rel=1e-4)  # zero head: uniform logits
     assert set(logs) == {"train/top1"} and not logs["train/top1"].requires_grad
-    assert task.flops_per_item(model) == model.flops_per_image()
     meta = task.metadata()
     assert len(meta["class_names"]) == 12 and meta["image_size"] == 32
     assert meta["image_mean"] == [0.24, 0.23, 0.23] and meta["image_std"] == [0.2] * 3

@@ -154,10 +154,10 @@ class CLIP(nn.Module):
         """Keep exp(logit_scale) in [1, 100]; called after every optimizer step."""
         self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
-    def flops_per_pair(self) -> float:
+    def flops_per_item(self) -> float:
         """Training FLOPs (forward + backward = 3 x forward) for one image-caption pair.
 
-        Image tower: ``VisionTransformer.flops_per_image()``. Text tower at the full context T:
+        Image tower: ``VisionTransformer.flops_per_item()``. Text tower at the full context T:
         2 x (matmul weights per layer) x T for the linear layers, plus 4 x T^2 x width per layer for
         the attention scores and the weighted sum (causal masking not discounted). Projections: 2 x
         their weights. The loss's B x B similarity matrix is left out (it is O(B x embed_dim) per pair).
@@ -167,7 +167,7 @@ class CLIP(nn.Module):
         per_layer = 4 * w * w + 2 * w * int(w * c["mlp_ratio"])  # qkv + out, fc + proj
         text_fwd = c["text_layers"] * (2 * per_layer * t + 4 * t * t * w)
         proj_fwd = 2 * c["embed_dim"] * (w + c["vision_width"])
-        return self.vision.flops_per_image() + 3 * (text_fwd + proj_fwd)
+        return self.vision.flops_per_item() + 3 * (text_fwd + proj_fwd)
 
 
 def build_clip(**kwargs: Any) -> CLIP:

@@ -140,8 +140,8 @@ class GPT(nn.Module):
             n -= self.pos_embd.weight.numel() if hasattr(self, "pos_embd") else 0
         return n
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token, PaLM (appendix B) / nanoGPT: 6*N + 12*L*d*T.
+    def flops_per_item(self) -> float:
+        """Training FLOPs per token (the item of an LLM), PaLM (appendix B) / nanoGPT: 6*N + 12*L*d*T.
 
         N = parameters that take part in matmuls (blocks + lm_head; embedding lookups are free),
         6 = 2 forward + 4 backward per parameter; 12*L*d*T counts attention scores and the

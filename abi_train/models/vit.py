@@ -141,8 +141,8 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> (B, num_classes) logits (or (B, width) features when num_classes == 0)."""
         return self.head(self.forward_features(images))
 
-    def flops_per_image(self) -> float:
-        """Training FLOPs per image: 3x the forward (backward ~ 2x forward).
+    def flops_per_item(self) -> float:
+        """Training FLOPs per image (the item of a ViT): 3x the forward (backward ~ 2x forward).
 
         Forward = 2 x (multiply-adds of every matmul) + attention scores and mixing:
         2*T*L*(4*d^2 + 2*d*f) for the blocks (qkv 3d^2 + out d^2, MLP 2*d*f), 2*P*C*p^2*d for the patch

@@ -77,10 +77,6 @@ class Task(ABC):
         """How many throughput units (tokens/images/pairs) this micro-batch holds (host-side)."""
 
     @abstractmethod
-    def flops_per_item(self, model: nn.Module) -> float:
-        """Training FLOPs (forward + backward) per throughput unit, for MFU."""
-
-    @abstractmethod
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         """Validation metrics and media; called on every rank at the same steps (no_grad, the run's autocast).
 

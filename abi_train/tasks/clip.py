@@ -164,9 +164,6 @@ class CLIPTask(Task):
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=gen)
         return {"images": images, "tokens": tokens, "skipped": 0}
 
-    def flops_per_item(self, model: nn.Module) -> float:
-        return unwrap(model).flops_per_pair()
-
     def after_optimizer_step(self, model: nn.Module) -> None:
         unwrap(model).clamp_logit_scale()
 

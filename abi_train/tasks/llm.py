@@ -108,9 +108,6 @@ class LLMTask(Task):
         tokens = torch.randint(0, self.vocab_size, (batch_size, self.seq_len + 1), generator=gen)
         return collate_windows(list(tokens))
 
-    def flops_per_item(self, model: nn.Module) -> float:
-        return unwrap(model).flops_per_token()
-
     def _val_indices(self) -> list[int]:
         """The same validation windows every time: evenly spread over the whole split; eval_batches
         batches of the global batch size, so their number does not depend on the number of processes."""

@@ -27,7 +27,6 @@ from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.distributed import all_reduce_sum, eval_batch_count, eval_shard, pad_batches
 from abi_train.errors import UserError
 from abi_train.tasks.base import EvalResult, Task
-from abi_train.utils import unwrap
 
 GRID_IMAGES = 16  # validation images shown with their predictions in TensorBoard
 
@@ -208,9 +207,6 @@ class ViTTask(Task):
         )
         labels = torch.randint(0, len(self.class_names), (batch_size,), generator=gen)
         return {"images": images, "labels": labels, "skipped": 0}
-
-    def flops_per_item(self, model: nn.Module) -> float:
-        return unwrap(model).flops_per_image()
 
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         """Loss, top-1 and top-5 over the first eval_batches x global batch size val images: the ranks share
