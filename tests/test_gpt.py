@@ -221,3 +221,14 @@ def test_generate_cli(tmp_path, capsys, monkeypatch):
             generate.main()
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_gelu_form_is_a_gpt2_option():
+    """gpt2's MLP GELU: the tanh form by default (GPT-2, llama.cpp), exact on request (nanoGPT); llama has none."""
+    x = torch.randn(2, 8, 64)
+    for act, approximate in (("gelu_tanh", "tanh"), ("gelu", "none")):
+        mlp = build_model({"arch": "gpt", "style": "gpt2", "vocab_size": 64, "act": act}).blocks[0].mlp
+        want = mlp.proj(torch.nn.functional.gelu(mlp.fc(x), approximate=approximate))
+        torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)
+    with pytest.raises(UserError, match="model.act='gelu' is not valid: the gpt2 style takes gelu_tanh | gelu"):
+        build_model({"arch": "gpt", "style": "llama", "vocab_size": 64, "act": "gelu"})

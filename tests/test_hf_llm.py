@@ -63,6 +63,10 @@ CASES = {
         },
     ),
 }
+# GPT-2 with the exact GELU (nanoGPT's MLP): abi_train's gpt2 style with model.act=gelu. Not a GGUF case:
+# llama.cpp's gpt2 computes the tanh form, so its export is refused (test below).
+CASES["gpt2-exact-gelu"] = ("GPT2LMHeadModel", CASES["gpt2"][1] | {"activation_function": "gelu"})
+GGUF_CASES = [case for case in CASES if case != "gpt2-exact-gelu"]
 MODEL_CONFIG = {
     "LlamaForCausalLM": "LlamaConfig",
     "Qwen2ForCausalLM": "Qwen2Config",
@@ -330,7 +334,19 @@ def test_parse_size():
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("case", list(CASES))
+def test_exact_gelu_gpt2_does_not_export_to_gguf(tmp_path):
+    from abi_train.export import export_gguf
+
+    make_hf("gpt2-exact-gelu", tmp_path / "src")
+    tiny_tokenizer(tmp_path / "src")
+    ours = ours_from(tmp_path / "src")
+    assert ours.cfg.act == "gelu"
+    with pytest.raises(UserError, match="llama.cpp's gpt2 computes the tanh GELU; a model.act=gelu model"):
+        export_gguf(ours, {"family": "llm"}, tmp_path / "src" / "tokenizer.json", tmp_path / "m.gguf", "f32")
+    assert not list(tmp_path.glob("m.gguf*"))
+
+
+@pytest.mark.parametrize("case", GGUF_CASES)
 def test_imported_model_exports_to_gguf_llamacpp_agrees(tmp_path, case):
     """HF folder -> abi_train -> GGUF f32 -> llama.cpp: its logits equal ours (relative error < 1e-3)."""
     llama_cpp = pytest.importorskip("llama_cpp")

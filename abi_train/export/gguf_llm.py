@@ -76,6 +76,11 @@ def llama3_rope_factors(head_dim: int, theta: float, scaling: dict[str, Any]) ->
 
 def add_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], tokenizer_path: Path) -> None:
     c = model.cfg
+    if c.style == "gpt2" and c.act != "gelu_tanh":
+        raise UserError(
+            f"llama.cpp's gpt2 computes the tanh GELU; a model.act={c.act} model would not run as trained: "
+            "export it with --format hf"
+        )
     writer.add_context_length(c.context_length)
     writer.add_embedding_length(c.d_model)
     writer.add_block_count(c.n_layer)

@@ -23,7 +23,8 @@ from abi_train.models import build_model
 
 READS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel", "GPT2Model")
 STYLE = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2"}
-GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation our gpt2 MLP computes
+# HF activation_function -> our gpt2 style's act
+GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 # Non-weight tensors some HF versions store: rotary caches, GPT-2's causal mask.
 IGNORED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
@@ -91,6 +92,7 @@ def config_from_hf(folder: HFFolder) -> dict[str, Any]:
         act = c.get("activation_function", "gelu_new")
         if act not in GPT2_ACTS:
             raise UserError(f"{where}: activation_function={act!r} is not supported; supported: {', '.join(GPT2_ACTS)}")
+        act = GPT2_ACTS[act]
         if c.get("scale_attn_by_inverse_layer_idx") or c.get("scale_attn_weights", True) is False:
             raise UserError(f"{where}: scale_attn_by_inverse_layer_idx / scale_attn_weights=false are not supported")
         d = int(need("n_embd"))
@@ -106,6 +108,7 @@ def config_from_hf(folder: HFFolder) -> dict[str, Any]:
             "norm_eps": float(c.get("layer_norm_epsilon", 1e-5)),
             "tie_embeddings": bool(c.get("tie_word_embeddings", True)),
             "bias": True,
+            "act": act,
             "name": name,
         }
     if c.get("hidden_act", "silu") != "silu":
@@ -265,7 +268,7 @@ def _hf_config(c: Any, tokenizer: Tokenizer | None) -> dict[str, Any]:
             "n_layer": c.n_layer,
             "n_head": c.n_head,
             "n_inner": c.ffn_hidden,
-            "activation_function": "gelu_new",
+            "activation_function": "gelu_new" if c.act == "gelu_tanh" else "gelu",
             "layer_norm_epsilon": c.norm_eps,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,

@@ -1,7 +1,8 @@
 """A decoder-only transformer in two styles, built from the shared ``layers.Block``.
 
-- ``gpt2``: LayerNorm, learned positions (``pos_embd``), GELU (tanh approximation, as llama.cpp
-  computes it) MLP, biases everywhere (or, with ``bias=False``, nowhere: nanoGPT's default), tied embeddings.
+- ``gpt2``: LayerNorm, learned positions (``pos_embd``), GELU MLP (``act``: the tanh approximation GPT-2 and
+  llama.cpp compute, or exact as nanoGPT's), biases everywhere (or, with ``bias=False``, nowhere: nanoGPT's
+  default), tied embeddings.
 - ``llama``: RMSNorm, rotate-half RoPE (optionally scaled: Llama 3.1's ``llama3``, ``linear``), SwiGLU MLP,
   grouped-query attention, no biases (``attention_bias``: q/k/v/o biases, as HF Llama's option).
 - ``qwen2``: llama with biases on the q/k/v projections only (Qwen2/2.5).
@@ -24,6 +25,7 @@ from abi_train.errors import UserError
 from abi_train.models.layers import ROPE_SCALINGS, Block, make_norm, rope_cache
 
 STYLES = ("llama", "qwen2", "gpt2")
+GPT2_ACTS = ("gelu_tanh", "gelu")
 ROTARY_STYLES = ("llama", "qwen2")  # RMSNorm, RoPE, SwiGLU; no position table
 
 
@@ -44,6 +46,7 @@ class GPTConfig:
     attention_bias: bool = False  # llama style: biases on q/k/v/o (HF Llama's attention_bias)
     tie_embeddings: bool = True  # lm_head shares tok_embd's weight
     bias: bool | None = None  # biases in linears and LayerNorms; None: the style's (gpt2 yes, llama no)
+    act: str = "gelu_tanh"  # gpt2 style's GELU: gelu_tanh (GPT-2, HF gelu_new, llama.cpp) | gelu (exact, nanoGPT)
     dropout: float = 0.0
     name: str = "gpt"  # free text, written into GGUF's general.name
 
@@ -70,6 +73,11 @@ class GPTConfig:
         kind = (self.rope_scaling or {}).get("type")
         if kind is not None and kind not in ROPE_SCALINGS:
             raise UserError(f"model.rope_scaling.type={kind!r} is not supported; valid: {', '.join(ROPE_SCALINGS)}")
+        if self.act not in GPT2_ACTS or (rotary and self.act != "gelu_tanh"):
+            raise UserError(
+                f"model.act={self.act!r} is not valid: the gpt2 style takes {' | '.join(GPT2_ACTS)}; "
+                f"llama and qwen2 use SwiGLU (leave model.act unset)"
+            )
         if self.bias is None:
             self.bias = self.style == "gpt2"
         elif self.bias and rotary:
@@ -97,7 +105,7 @@ class GPT(nn.Module):
                 n_kv_head=cfg.n_kv_head,
                 norm="rmsnorm" if llama else "layernorm",
                 norm_eps=cfg.norm_eps,
-                mlp="swiglu" if llama else "gelu_tanh",
+                mlp="swiglu" if llama else cfg.act,
                 bias=cfg.bias,
                 dropout=cfg.dropout,
                 head_dim=cfg.head_dim,
