@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -65,6 +66,31 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+# Texts that stress a tokenizer: contractions, digit runs, whitespace runs, CRLF, non-ASCII, special tokens.
+TRICKY_TEXTS = [
+    "Hello world",
+    "The quick brown fox's 123 jumps  over\n\tthe lazy dog.",
+    "x = [1, 2, 3]  # a list\r\n    return x ** 2\n\n\n",
+    "naïve café, Ünïcödé → 中文字符 and emoji 🎉🚀!",
+    "   leading spaces, trailing spaces   ",
+    "I'M SURE THEY'LL've DONE it; 3.14159 o'clock 1234567 2024-01-31",
+    "tabs\t\t\tand\u00a0nbsp\n \n  \n",
+    "one<|endoftext|>two",
+]
+
+
+def llamacpp_logits(path: Path, ids: list[int], n_ctx: int = 128) -> np.ndarray:
+    """llama.cpp's logits at every position of ``ids`` for the GGUF file ``path`` (llama-cpp-python)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, seed=0)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
 
 
 def assert_export_cli_refuses(monkeypatch, capsys, cases: list[tuple[list[str], str]], out_dir: Path) -> None:

@@ -49,6 +49,10 @@ FAST_DATA_OPTION = {
     "pairs": ["data.val_size=2"],
 }
 DEFAULT_DATA = {"llm": "text", "vit": "shapes", "clip": "captions"}
+# Shapes too big for one CPU step in CI (weights, gradients and AdamW state of 1.24B parameters are ~20 GB):
+# one block at its shipped width and the tokenizer's vocabulary; test_llama_1b_is_llama_3_2_1b checks the
+# whole shape without allocating it.
+SHRUNK_MODELS = {"llama-1b": ["model.n_layer=1", "model.vocab_size=null"]}
 
 
 def options(group: str) -> list[str]:
@@ -148,8 +152,35 @@ def test_model_option_runs_a_step(tmp_path, data_files, model):
             f"model={model}",
             "trainer.eval_every=0",
             "trainer.ckpt_every=0",
+            *SHRUNK_MODELS.get(model, []),
         ],
     )
+
+
+def test_llama_1b_is_llama_3_2_1b():
+    """configs/model/llama-1b.yaml is Llama-3.2-1B: as many parameters as transformers' Llama built from Meta's
+    config (1,235,814,400; both on the meta device: nothing allocated), GQA's shape and its RoPE frequencies."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from abi_train.models import build_model
+    from abi_train.models.layers import rope_frequencies
+
+    cfg = yaml.safe_load((CONFIGS / "model" / "llama-1b.yaml").read_text())
+    meta = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})  # fmt: skip
+    with torch.device("meta"):
+        ours, theirs = build_model(cfg), LlamaForCausalLM(meta)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  (tied weights once; q/k/v fused here)
+    assert count(ours) == count(theirs) == 1_235_814_400
+    assert ours.blocks[0].attn.qkv.weight.shape == (2048 + 2 * 512, 2048)  # 32 query heads, 8 kv heads of 64
+    assert ours.rope.shape == (2, 131072, 64)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](meta, "cpu")
+    torch.testing.assert_close(rope_frequencies(64, cfg["rope_theta"], cfg["rope_scaling"]), want.float())
 
 
 @pytest.mark.parametrize("data", options("data"))

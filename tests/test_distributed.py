@@ -8,6 +8,7 @@ the same loss curve; the consolidated weights export to the same GGUF.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -26,7 +27,18 @@ from safetensors import safe_open
 from abi_train import checkpoint as ckpt
 from abi_train.cli import config_dir
 from abi_train.data.sampler import GlobalBatchSampler
-from abi_train.distributed import DistInfo, launch_overrides, resolve_parallel, shard_model, wrap_model
+from abi_train.distributed import (
+    DDPOptions,
+    DistInfo,
+    FSDPOptions,
+    ddp_options,
+    fsdp_options,
+    full_state_dict,
+    launch_overrides,
+    resolve_parallel,
+    shard_model,
+    wrap_model,
+)
 from abi_train.errors import UserError
 from abi_train.export import export_checkpoint
 from abi_train.losses import clip_loss
@@ -37,6 +49,14 @@ from abi_train.trainer import Trainer
 STEPS = 6  # checkpoints at steps 3 and 6; resumed runs continue from step 3
 RUN = [*TINY_LLM, f"trainer.max_steps={STEPS}", "trainer.ckpt_every=3", "trainer.device=cpu"]
 TWO_PROCS_ACCUMULATING = ["trainer.batch_size=1", "trainer.global_batch_size=4"]  # 1 x 2 ranks x 2 micro-steps
+# The DDP / FSDP2 levers of the multi-GPU runs (scripts/gpu_ddp.sh) change speed and memory, not the numbers.
+LEVER_RUNS = {
+    # static_graph refuses accumulation (a PyTorch bug): 2 ranks x batch 2 make the global batch of 4 here.
+    "ddp_levers": ["trainer.parallel=ddp", "trainer.ddp.gradient_as_bucket_view=false", "trainer.ddp.static_graph=true",
+                   "trainer.ddp.bucket_cap_mb=0.01", "trainer.batch_size=2"],
+    "fsdp_zero2": [*TWO_PROCS_ACCUMULATING, "trainer.parallel=fsdp", "trainer.fsdp.reshard_after_forward=false"],
+    "fsdp_prefetch": [*TWO_PROCS_ACCUMULATING, "trainer.parallel=fsdp", "trainer.fsdp.prefetch=2"],
+}  # fmt: skip
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -89,6 +109,9 @@ def runs(tmp_path_factory, cache_dir) -> dict:
     ddp, fsdp      2 processes x batch 1 x 2 micro-steps; ddp without hydra.run.dir (the default run dir)
     one_to_fsdp    one's step 3 resumed by 2 FSDP processes x batch 2
     bad_batch      a global batch of 6 that 2 processes x batch 2 cannot split
+    ddp_levers     ddp with the non-default trainer.ddp values (no bucket views, static graph, tiny buckets)
+    fsdp_zero2     fsdp with trainer.fsdp.reshard_after_forward=false (ZeRO-2 style)
+    fsdp_prefetch  fsdp with explicit prefetching (trainer.fsdp.prefetch=2, more than the blocks there are)
     then fsdp's step 3 resumed by 2 DDP processes (fsdp_to_ddp) and by one process (fsdp_to_one).
     """
     root = tmp_path_factory.mktemp("dist")
@@ -105,9 +128,11 @@ def runs(tmp_path_factory, cache_dir) -> dict:
         "one_to_fsdp": torchrun([*resume, "trainer.parallel=fsdp", f"hydra.run.dir={one_to_fsdp}"], root),
         "bad_batch": torchrun([*common, "trainer.batch_size=2", "trainer.global_batch_size=6",
                                f"hydra.run.dir={root / 'bad'}"], root),
+        **{name: torchrun([*common, *levers, f"hydra.run.dir={root / name}"], root)
+           for name, levers in LEVER_RUNS.items()},
     }  # fmt: skip
     done = {name: finish(proc) for name, proc in jobs.items()}
-    for name in ("ddp", "fsdp", "one_to_fsdp"):
+    for name in ("ddp", "fsdp", "one_to_fsdp", *LEVER_RUNS):
         assert done[name].returncode == 0, f"{name}: {done[name].stderr[-3000:]}"
     fsdp_to_ddp = resumable_copy(root / "fsdp", 3, root / "fsdp_to_ddp")
     job = torchrun([*resume, "trainer.parallel=ddp", f"hydra.run.dir={fsdp_to_ddp}"], root)
@@ -123,6 +148,7 @@ def runs(tmp_path_factory, cache_dir) -> dict:
         "resumed": [one_to_fsdp, fsdp_to_ddp, fsdp_to_one],
         "bad_batch": done["bad_batch"],
         "bad_dir": root / "bad",
+        **{name: root / name for name in LEVER_RUNS},
     }
 
 
@@ -134,6 +160,21 @@ def test_ddp_and_fsdp_match_one_process(runs):
         for key, rtol in (("train/loss", 1e-5), ("train/grad_norm", 1e-4)):
             torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in one]),
                                        rtol=rtol, atol=0, msg=f"{mode} {key}")  # fmt: skip
+
+
+def test_ddp_and_fsdp_levers_keep_the_numbers(runs):
+    """Each lever's run gives the one-process curve (as the default ddp/fsdp runs do), and ZeRO-2 style FSDP2
+    the very losses of the ZeRO-3 default (the same reductions, only gathered at other times)."""
+    one = read_metrics(runs["one"])
+    for name in LEVER_RUNS:
+        got = read_metrics(runs[name])
+        assert [r["step"] for r in got] == list(range(1, STEPS + 1)), name
+        for key, rtol in (("train/loss", 1e-5), ("train/grad_norm", 1e-4)):
+            torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in one]),
+                                       rtol=rtol, atol=0, msg=f"{name} {key}")  # fmt: skip
+    zero3 = torch.tensor(list(losses(runs["fsdp"]).values()))
+    for name in ("fsdp_zero2", "fsdp_prefetch"):
+        torch.testing.assert_close(torch.tensor(list(losses(runs[name]).values())), zero3, rtol=1e-6, atol=0, msg=name)
 
 
 def test_resume_across_world_sizes_and_wrappers(runs):
@@ -358,3 +399,88 @@ def test_evaluation_on_two_processes_equals_one_process(tmp_path, cache_dir):
         for key in ("train/loss", "train/logit_scale", "train/top1"):
             if key in one[-1]:
                 assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-5), f"{family} {key}"
+
+
+# --- a non-finite loss on one rank only: every rank skips that step (no collective decides it) -----------
+NAN_STEP = 2
+
+
+def _nan_worker(rank: int, world: int, init_file: str, root: str, cache_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))  # fmt: skip
+    try:
+        for parallel in ("ddp", "fsdp"):
+            info = DistInfo(rank, rank, world)
+            cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", "trainer.device=cpu",
+                               f"trainer.parallel={parallel}", "trainer.log_every=2"])  # fmt: skip
+            task = task_class(cfg.task)(cfg, info)
+            real_loss, calls = task.loss, {"n": 0}
+
+            def nan_on_rank1(model, batch, real_loss=real_loss, calls=calls):
+                calls["n"] += 1
+                loss, logs = real_loss(model, batch)
+                return (loss * float("nan") if rank == 1 and calls["n"] == NAN_STEP else loss), logs
+
+            task.loss = nan_on_rank1
+            trainer = Trainer(cfg, task, Path(root) / parallel, info)
+            trainer.fit()
+            local = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+                     for n, p in trainer.raw_model.named_parameters()}  # fmt: skip
+            torch.save({
+                "skipped": trainer.nonfinite.total,
+                "adam_steps": sorted({int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}),
+                "local": local,  # DDP: the whole weights; FSDP2: this rank's shards
+                "full": full_state_dict(trainer.raw_model),  # collective: rank 0 gets the whole weights
+            }, Path(root) / f"{parallel}{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nonfinite_loss_on_one_rank_is_skipped_on_all(tmp_path, cache_dir):
+    """Rank 1 alone gets a NaN loss at step 2 (DDP, then FSDP2): DDP's averaged gradients carry it to rank 0,
+    so the verdict from the synced gradient norm is the same on both: step 2 skipped everywhere, AdamW stepped
+    3 times of 4, DDP's weights equal across ranks, FSDP2's gathered weights equal DDP's, logged losses finite."""
+    train_here(tmp_path / "tokenizer_cache", [*TINY_LLM, f"data.cache_dir={cache_dir}", "trainer.max_steps=1"])
+    mp.spawn(_nan_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(cache_dir)), nprocs=2)
+    ranks = {(par, r): torch.load(tmp_path / f"{par}{r}.pt") for par in ("ddp", "fsdp") for r in range(2)}
+    for (par, r), got in ranks.items():
+        assert got["skipped"] == 1 and got["adam_steps"] == [3], (par, r)
+    ddp = ranks["ddp", 0]["local"]
+    assert all(torch.isfinite(p).all() for p in ddp.values())
+    for name, weight in ddp.items():
+        assert torch.equal(ranks["ddp", 1]["local"][name], weight), name
+        torch.testing.assert_close(ranks["fsdp", 0]["full"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    for par in ("ddp", "fsdp"):
+        logged = read_metrics(tmp_path / par)
+        assert [r["step"] for r in logged] == [2, 4]
+        assert all(math.isfinite(r["train/loss"]) for r in logged) and logged[-1]["train/nonfinite_steps"] == 1
+
+
+def test_ddp_and_fsdp_options_are_checked():
+    assert ddp_options(None) == DDPOptions()
+    assert ddp_options({"bucket_cap_mb": 100, "static_graph": True}) == DDPOptions(bucket_cap_mb=100, static_graph=True)
+    assert fsdp_options({"reshard_after_forward": False}) == FSDPOptions(reshard_after_forward=False)
+    bad = [
+        (ddp_options, {"bucket_mb": 5}, r"trainer.ddp.bucket_mb is not known; valid: bucket_cap_mb, "),
+        (ddp_options, {"bucket_cap_mb": 0}, r"trainer.ddp.bucket_cap_mb=0 must be > 0"),
+        (ddp_options, {"static_graph": "yes"}, r"trainer.ddp.static_graph='yes' must be true or false"),
+        (ddp_options, {"optimize": "python_reducer"}, r"trainer.ddp.optimize='python_reducer' is not known"),
+        (fsdp_options, {"prefetch": -1}, r"trainer.fsdp.prefetch=-1 must be an integer >= 0"),
+        (fsdp_options, {"prefetch": 1.5}, r"trainer.fsdp.prefetch=1.5 must be an integer"),
+        (fsdp_options, {"reshard_after_forward": 1}, r"trainer.fsdp.reshard_after_forward=1 must be true or false"),
+    ]
+    for read, given, message in bad:
+        with pytest.raises(UserError, match=message):
+            read(given)
+    two = DistInfo(rank=0, local_rank=0, world_size=2)
+    static = {"parallel": "ddp", "ddp": {"static_graph": True}, "batch_size": 1, "global_batch_size": 4}
+    with pytest.raises(UserError, match=r"trainer.ddp.static_graph=true does not work with gradient accumulation"):
+        wrap_model(torch.nn.Linear(2, 2), OmegaConf.create(static), two, torch.device("cpu"))
+    with pytest.raises(UserError, match="trainer.fsdp.prefetch=-1"):  # checked whatever trainer.parallel says
+        wrap_model(torch.nn.Linear(2, 2), OmegaConf.create({"parallel": "auto", "fsdp": {"prefetch": -1}}), DistInfo(),
+                   torch.device("cpu"))  # fmt: skip

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TRICKY_TEXTS, llamacpp_logits
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import dequantize, quantize
 from tokenizers import models, pre_tokenizers
@@ -37,16 +38,6 @@ from abi_train.weights import load_pretrained, load_pretrained_weights
 Q = GGMLQuantizationType
 META = {"family": "llm", "step": 1}
 VOCAB = 320
-STRINGS = [
-    "Hello world",
-    "The quick brown fox's 123 jumps  over\n\tthe lazy dog.",
-    "x = [1, 2, 3]  # a list\r\n    return x ** 2\n\n\n",
-    "naïve café, Ünïcödé → 中文字符 and emoji 🎉🚀!",
-    "   leading spaces, trailing spaces   ",
-    "I'M SURE THEY'LL've DONE it; 3.14159 o'clock 1234567 2024-01-31",
-    "tabs\t\t\tand\u00a0nbsp\n \n  \n",
-    "one<|endoftext|>two",
-]
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +267,7 @@ def test_export_matches_pre_tokenizer_and_import_restores_it(tmp_path, tok_path,
     assert GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == pre
     back = load_gguf(out).tokenizer
     assert back.gguf_pre == pre
-    for s in STRINGS:
+    for s in TRICKY_TEXTS:
         assert back.encode(s) == tok.encode(s), (pre, s)
 
 
@@ -450,7 +441,7 @@ def test_imported_tokenizer_matches_llamacpp(tmp_path, tok_path, llama_cpp, pre)
     ours = load_gguf(out).tokenizer
     llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
     try:
-        for s in STRINGS + ["DIGITS 0123456789 ９٣ and 'S 'LL 'Re"]:
+        for s in TRICKY_TEXTS + ["DIGITS 0123456789 ９٣ and 'S 'LL 'Re"]:
             assert llm.tokenize(s.encode(), add_bos=False, special=True) == ours.encode(s), (pre, s)
     finally:
         llm.close()
@@ -467,12 +458,7 @@ def test_llamacpp_runs_our_export_of_imported_models(tmp_path, tok_path, llama_c
     out = export_gguf(ours, META, tok_path, tmp_path / "m.gguf", "f32")
     ids = IDX[0].tolist()
     ref = logits(hf, IDX[:1])[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, n_ctx=128, verbose=False, seed=0)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    got = llamacpp_logits(out, ids)
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert rel < 1e-3, rel
 
@@ -605,7 +591,7 @@ def test_sentencepiece_vocab_round_trips_and_refuses_gguf_export(tmp_path):
     pretrained = load_gguf(sentencepiece_gguf(tmp_path / "spm.gguf"))
     tok = pretrained.tokenizer
     assert tok.add_bos and (tok.bos_id, tok.eos_id) == (1, 2)  # llama.cpp's SentencePiece default: BOS first
-    for s in STRINGS[:-1]:
+    for s in TRICKY_TEXTS[:-1]:
         assert tok.decode(tok.encode(s)) == s, s
     assert tok.decode(tok.encode("one</s>two")) == "one</s> two"  # SentencePiece's space after a special token
     assert tok.encode("中")[1:] == [3 + b for b in "中".encode()]  # after "▁": no piece covers it, so its bytes
@@ -622,7 +608,7 @@ def test_sentencepiece_vocab_matches_llamacpp(tmp_path, llama_cpp):
     ours = load_gguf(path).tokenizer
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
-        for s in [*STRINGS, "one</s>two <s> three", " x", "", *LONG]:
+        for s in [*TRICKY_TEXTS, "one</s>two <s> three", " x", "", *LONG]:
             assert llm.tokenize(s.encode(), add_bos=False, special=True) == ours.encode(s), s[:80]
         assert llm.tokenize(b"Hello", add_bos=True, special=False) == ours.encode_prompt("Hello")
     finally:

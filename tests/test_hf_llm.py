@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_export_cli_refuses, run_abi
+from conftest import assert_export_cli_refuses, llamacpp_logits, run_abi
 
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
@@ -349,7 +349,7 @@ def test_exact_gelu_gpt2_does_not_export_to_gguf(tmp_path):
 @pytest.mark.parametrize("case", GGUF_CASES)
 def test_imported_model_exports_to_gguf_llamacpp_agrees(tmp_path, case):
     """HF folder -> abi_train -> GGUF f32 -> llama.cpp: its logits equal ours (relative error < 1e-3)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     import numpy as np
 
     from abi_train.export import export_gguf
@@ -362,10 +362,5 @@ def test_imported_model_exports_to_gguf_llamacpp_agrees(tmp_path, case):
     prompt = tok.encode("def function_7(x):\n    return 'hello world' * 3")
     with torch.no_grad():
         ref = ours(torch.tensor([prompt]))[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, n_ctx=64, verbose=False, seed=0)
-    try:
-        llm.eval(prompt)
-        got = np.array(llm.scores[: len(prompt)])
-    finally:
-        llm.close()
+    got = llamacpp_logits(out, prompt, n_ctx=64)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3

@@ -12,6 +12,7 @@ import pydoc_data.topics
 import numpy as np
 import pytest
 import torch
+from conftest import TRICKY_TEXTS, llamacpp_logits
 
 from abi_train.data.tokenizer import EOS, Tokenizer
 from abi_train.export import export_gguf
@@ -20,14 +21,7 @@ from abi_train.models import build_model
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
 
-STRINGS = [
-    "Hello world",
-    "The quick brown fox's 123 jumps  over\n\tthe lazy dog.",
-    "x = [1, 2, 3]  # a list\r\n    return x ** 2\n\n\n",
-    "naïve café, Ünïcödé → 中文字符 and emoji 🎉🚀!",
-    "   leading spaces, trailing spaces   ",
-    "They'll've done it; we're sure it's 3.14159 o'clock",
-]
+
 PROMPT = "The return statement leaves the current function call with the"
 
 
@@ -78,7 +72,7 @@ def test_tokenizer_ids_match(trained, style):
     tok, models = trained
     llm = load(models[style][1]["f32"])
     try:
-        for s in STRINGS:
+        for s in TRICKY_TEXTS:
             assert llm.tokenize(s.encode(), add_bos=False, special=False) == tok.encode(s), s
             assert llm.detokenize(tok.encode(s)).decode() == s
         with_eos = f"one{EOS}two"
@@ -95,12 +89,7 @@ def test_logits_match(trained, style, outtype):
     ids = tok.encode(PROMPT)
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0].numpy()
-    llm = load(files[outtype])
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    got = llamacpp_logits(files[outtype], ids)
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     if outtype == "q8_0":
         assert got[-1].argmax() == ref[-1].argmax(), rel
