@@ -72,7 +72,7 @@ def test_tokenizer_ids_match(trained, style):
     tok, models = trained
     llm = load(models[style][1]["f32"])
     try:
-        for s in TRICKY_TEXTS:
+        for s in (s for s in TRICKY_TEXTS if EOS not in s):  # special tokens: the line below
             assert llm.tokenize(s.encode(), add_bos=False, special=False) == tok.encode(s), s
             assert llm.detokenize(tok.encode(s)).decode() == s
         with_eos = f"one{EOS}two"
