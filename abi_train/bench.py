@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from abi_train.data.prefetch import batch_tensors
 from abi_train.errors import UserError
@@ -128,7 +128,7 @@ def report(
 
 def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] | None:
     """Build the run's Trainer, time its train_step on one synthetic batch; the record (None on ranks > 0)."""
-    from abi_train.distributed import dist_info_from_env, init_distributed
+    from abi_train.distributed import all_reduce_mean, dist_info_from_env, init_distributed
     from abi_train.tasks import task_class
     from abi_train.trainer import Trainer
 
@@ -148,8 +148,9 @@ def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] |
     timing = time_steps(step, options["steps"], options["warmup"], trainer.device)
     if options["profile"]:
         write_profile(step, options["profile"], trainer.device)
-    losses = [out.loss for out in timing["outputs"]]
+    losses = torch.stack([out.loss for out in timing["outputs"]])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        losses = all_reduce_mean(losses)  # each rank's own losses: the global batch's are their mean
         torch.distributed.destroy_process_group()
     if not dist.is_main:
         return None
@@ -172,6 +173,8 @@ def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] |
         bf16_residual=bool(cfg.trainer.bf16_residual),
         world_size=dist.world_size,
         parallel=cfg.trainer.parallel if dist.world_size > 1 else "none",
+        ddp=OmegaConf.to_container(cfg.trainer.ddp) if dist.world_size > 1 else None,
+        fsdp=OmegaConf.to_container(cfg.trainer.fsdp) if dist.world_size > 1 else None,
         steps=options["steps"],
         losses=[round(float(loss), 5) for loss in losses[:5]],
         loss_last=round(float(losses[-1]), 5),

@@ -211,15 +211,94 @@ def resolve_parallel(mode: str, info: DistInfo) -> str:
     return "ddp" if mode == "auto" else mode
 
 
+@dataclass(frozen=True)
+class DDPOptions:
+    """trainer.ddp: how DDP buckets and all-reduces gradients (configs/trainer/default.yaml says why each
+    default). The defaults here are PyTorch's own, for callers that pass no trainer.ddp."""
+
+    bucket_cap_mb: float = 25.0  # gradients all-reduced together, in MiB of the gradient dtype
+    gradient_as_bucket_view: bool = False  # .grad are views into the buckets (no copy, one gradient buffer)
+    static_graph: bool = False  # the same parameters get gradients in the same order every step
+    optimize: str = "ddp_optimizer"  # torch._dynamo.config.optimize_ddp under trainer.compile
+
+
+@dataclass(frozen=True)
+class FSDPOptions:
+    """trainer.fsdp: FSDP2's memory/communication trade-offs; defaults as ``fully_shard``'s own."""
+
+    reshard_after_forward: bool = True  # ZeRO-3: free gathered blocks after forward, gather again in backward
+    prefetch: int = 0  # 0: FSDP2's implicit one-block-ahead; N: explicitly N blocks ahead (forward and backward)
+
+
+DDP_OPTIMIZE = ("ddp_optimizer", "no_optimization")  # python_reducer needs compiled autograd around backward
+
+
+_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _options(cls: type[T], cfg: Any, key: str) -> T:
+    """trainer.KEY as ``cls``; a key ``cls`` does not have, or a value of the wrong type, is a UserError."""
+    given = dict(cfg) if cfg is not None else {}
+    fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise UserError(f"trainer.{key}.{unknown[0]} is not known; valid: {', '.join(fields)}")
+    for name, value in given.items():
+        want = type(getattr(cls(), name))
+        accepted = (int, float) if want is float else want  # a YAML 25 is an int
+        if not isinstance(value, accepted) or (want is not bool and isinstance(value, bool)):
+            raise UserError(f"trainer.{key}.{name}={value!r} must be {_KIND[want]}")
+    return cls(**given)
+
+
+def ddp_options(cfg: Any) -> DDPOptions:
+    """trainer.ddp checked: a positive bucket size, a known compile mode."""
+    opts = _options(DDPOptions, cfg, "ddp")
+    if opts.bucket_cap_mb <= 0:
+        raise UserError(f"trainer.ddp.bucket_cap_mb={opts.bucket_cap_mb} must be > 0 (MiB per all-reduce bucket)")
+    if opts.optimize not in DDP_OPTIMIZE:
+        raise UserError(f"trainer.ddp.optimize={opts.optimize!r} is not known; valid: {', '.join(DDP_OPTIMIZE)}")
+    return opts
+
+
+def fsdp_options(cfg: Any) -> FSDPOptions:
+    """trainer.fsdp checked: prefetch is a block count >= 0."""
+    opts = _options(FSDPOptions, cfg, "fsdp")
+    if opts.prefetch < 0:
+        raise UserError(f"trainer.fsdp.prefetch={opts.prefetch!r} must be an integer >= 0 (blocks gathered ahead)")
+    return opts
+
+
 def wrap_model(model: nn.Module, trainer_cfg: Any, info: DistInfo, device: torch.device) -> nn.Module:
-    """DDP (a wrapper) or FSDP2 (shards ``model`` in place: build the optimizer after this)."""
+    """DDP (a wrapper) or FSDP2 (shards ``model`` in place: build the optimizer after this), with the
+    trainer.ddp / trainer.fsdp options (PyTorch's defaults where the config has none). Both are checked
+    whatever the mode, so a bad value fails on one process too, not first on the multi-GPU job."""
     mode = resolve_parallel(trainer_cfg.parallel, info)
+    opts, fsdp_opts = ddp_options(trainer_cfg.get("ddp")), fsdp_options(trainer_cfg.get("fsdp"))
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        global_batch = trainer_cfg.get("global_batch_size")
+        if opts.static_graph and global_batch and global_batch != trainer_cfg.batch_size * info.world_size:
+            # The first backward under no_sync trips an internal assert, and past it gradients would stop being
+            # all-reduced (pytorch/pytorch#143580, fix pending in #187732).
+            raise UserError(
+                "trainer.ddp.static_graph=true does not work with gradient accumulation in this PyTorch "
+                f"(trainer.global_batch_size={global_batch} > batch_size x world size); set it false"
+            )
+        if trainer_cfg.get("compile"):
+            # Read when torch.compile traces the DDP module: split the graph at bucket boundaries so each
+            # bucket's all-reduce overlaps the rest of the backward (ddp_optimizer, torch's default), or not.
+            torch._dynamo.config.optimize_ddp = opts.optimize
+        return DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=opts.bucket_cap_mb,
+            gradient_as_bucket_view=opts.gradient_as_bucket_view,
+            static_graph=opts.static_graph,
+        )
     if mode == "fsdp":
-        return shard_model(model, trainer_cfg.precision, device)
+        return shard_model(model, trainer_cfg.precision, device, fsdp_opts)
     return model
 
 
@@ -238,15 +317,25 @@ def fsdp_mixed_precision(precision: str) -> Any:
     return MixedPrecisionPolicy()
 
 
-def shard_model(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+def shard_model(
+    model: nn.Module, precision: str, device: torch.device, options: FSDPOptions | None = None
+) -> nn.Module:
     """FSDP2: ``fully_shard`` every module of every ``blocks`` ModuleList (gpt, vit, clip's two towers),
-    then the root, which keeps the rest (embeddings, tied lm_head, final norm) in one unit."""
+    then the root, which keeps the rest (embeddings, tied lm_head, final norm) in one unit.
+
+    ``options.reshard_after_forward=False`` keeps each block's gathered parameters from its forward to its
+    backward (ZeRO-2 style: one all-gather per block and step instead of two, the whole model's unsharded
+    parameters held at the end of the forward). ``options.prefetch=N`` has each block start gathering the
+    next N blocks (forward) or the previous N (backward) as it starts, instead of FSDP2's implicit one ahead,
+    as torchtitan does for its ``fsdp`` prefetch setting.
+    """
     from torch.distributed.device_mesh import init_device_mesh
 
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
         raise UserError(f"trainer.parallel=fsdp needs torch >= 2.6 (FSDP2); this is {torch.__version__}") from None
+    options = options or FSDPOptions()
     scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
     if scalars:
         raise UserError(
@@ -259,12 +348,23 @@ def shard_model(model: nn.Module, precision: str, device: torch.device) -> nn.Mo
             dist.broadcast(t, src=0)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = fsdp_mixed_precision(precision)
+    towers = []
     for module in list(model.modules()):
         blocks = getattr(module, "blocks", None)
         if isinstance(blocks, nn.ModuleList):
             for block in blocks:
-                fully_shard(block, mesh=mesh, mp_policy=policy)
+                fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
+            towers.append(list(blocks))
+    # The root keeps FSDP2's default for roots (not resharded: the backward needs it first).
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if options.prefetch:
+        for blocks in towers:
+            for i, block in enumerate(blocks):
+                ahead, behind = blocks[i + 1 : i + 1 + options.prefetch], blocks[max(0, i - options.prefetch) : i]
+                if ahead:
+                    block.set_modules_to_forward_prefetch(ahead)
+                if behind:
+                    block.set_modules_to_backward_prefetch(behind[::-1])  # nearest first: backward runs in reverse
     return model
 
 

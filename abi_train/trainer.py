@@ -52,7 +52,7 @@ from abi_train.weights import load_pretrained, load_pretrained_weights
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor  # mean loss of the step (device tensor, not synced)
+    loss: torch.Tensor  # this rank's mean loss of the step (device tensor, not synced, not averaged over ranks)
     grad_norm: torch.Tensor  # global grad norm before clipping
     finite: bool | torch.Tensor  # False: the update was skipped (a device bool when decided on the GPU)
     logs: dict[str, torch.Tensor]  # the task's extra tensors from the last micro-batch
@@ -127,8 +127,14 @@ class NonFiniteGuard:
         self._unreported: list[int] = []
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-        finite = torch.isfinite(loss)
-        return finite & torch.isfinite(grad_norm) if self.check_grads else finite
+        """The step's verdict, the same on every rank without a collective of its own.
+
+        With gradients checked, the synchronised gradient norm alone decides: it is one number on every rank
+        (DDP averaged the gradients, FSDP2 reduced the norm), and a non-finite loss on any rank makes every
+        rank's gradients non-finite through that averaging. ``loss`` must then be this rank's own: its
+        finiteness is not rank-consistent. fp16 checks only the loss, which must be the global one.
+        """
+        return torch.isfinite(grad_norm) if self.check_grads else torch.isfinite(loss)
 
     def record(self, step: int, finite: bool | torch.Tensor) -> None:
         self._queued.append((step, finite))
@@ -172,9 +178,11 @@ class NonFiniteGuard:
 
 @dataclass
 class LogWindow:
-    """What the train log averages over: the steps since the last log line."""
+    """What the train log averages over: the steps since the last log line. The losses are this rank's;
+    ``_log`` averages the sum over ranks (one all-reduce per log line, not per step), which gives the
+    global batch's loss as one process sees it (every rank applies the same steps)."""
 
-    loss_sum: torch.Tensor  # summed loss of the applied steps (device, no sync)
+    loss_sum: torch.Tensor  # this rank's summed loss of the applied steps (device, no sync)
     steps: torch.Tensor  # applied (finite) steps
     items: int = 0
     started: float = 0.0  # perf_counter when the window opened (evaluation and checkpoint time excluded)
@@ -401,10 +409,12 @@ class Trainer:
                 self.scaler.scale(loss / self.accumulation).backward()
             step_loss += loss.detach() / self.accumulation
             items += task.items_in(batch)
-        step_loss = all_reduce_mean(step_loss)  # the loss of the global batch, as one process would see it
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(self.params, self.max_norm)
-        finite: bool | torch.Tensor = self.nonfinite.check(step_loss, grad_norm)
+        # The verdict needs no collective when the synced gradient norm decides (NonFiniteGuard.check); fp16
+        # decides on the loss, so only then is the loss averaged over ranks here (NaN on one rank: on all).
+        verdict_loss = step_loss if self.nonfinite.check_grads else all_reduce_mean(step_loss)
+        finite: bool | torch.Tensor = self.nonfinite.check(verdict_loss, grad_norm)
         if self.nonfinite.on_device:
             # Fused AdamW leaves weights, moments and its step count alone where found_inf is 1 (the
             # GradScaler's mechanism): no host sync; the verdict is counted when the loop next settles.
@@ -482,13 +492,17 @@ class Trainer:
             )
 
     def _log(self, out: StepOutput, window: LogWindow) -> None:
-        """One train log line (the host sync of the window's loss); the task's extra scalars averaged over
-        ranks (every rank calls this at the same steps)."""
+        """One train log line (the host sync of the window's loss); the loss and the task's extra scalars
+        averaged over ranks (every rank calls this at the same steps)."""
         tc, unit = self.cfg.trainer, self.task.unit
         elapsed = time.perf_counter() - window.started
         rate = window.items / elapsed if elapsed > 0 else 0.0
+        # The ranks' loss sums and the task's extra scalars averaged over ranks in one collective.
+        names = sorted(out.logs)
+        local = [window.loss_sum.float(), *(out.logs[k].detach().float().reshape(()) for k in names)]
+        means = all_reduce_mean(torch.stack(local)).tolist()
         values = {
-            "train/loss": window.loss_sum.item() / max(1.0, window.steps.item()),
+            "train/loss": means[0] / max(1.0, window.steps.item()),
             "lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": out.grad_norm.item(),
             f"train/{unit}_per_s": rate * self.dist.world_size,  # whole job
@@ -500,10 +514,7 @@ class Trainer:
             values["train/memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if tc.precision == "fp16":
             values["train/loss_scale"] = self.scaler.get_scale()
-        if out.logs:
-            names = sorted(out.logs)
-            means = all_reduce_mean(torch.stack([out.logs[k].detach().float().reshape(()) for k in names]))
-            values.update(zip(names, means.tolist(), strict=True))
+        values.update(zip(names, means[1:], strict=True))
         self.logger.scalars(self.step, values)
         self.progress.update(self.step, values["train/loss"], rate)
         self.summary.update(values)

@@ -1,6 +1,6 @@
 """abi_train's training step beside nanoGPT's at nanoGPT's own CPU shape, interleaved in one process.
 
-    OMP_NUM_THREADS=2 python scripts/cpu_step.py [--steps 200] [--threads 2]
+    OMP_NUM_THREADS=2 python scripts/cpu_step.py [--steps 200] [--threads 2] [--unfused-adamw]
 
 nanoGPT's README runs on a CPU with 4 layers, 4 heads, 128 wide, block 64, batch 12 (here a 2048-token
 vocabulary), fp32, no torch.compile. Both steps run in the same process, one after the other, so they see the
@@ -11,7 +11,9 @@ same machine (separate processes differ by up to 30% from run to run on a shared
     same function as nanoGPT's model);
   - nanoGPT: its model.py (at .ref/nanogpt_model.py, see scripts/gpu_reference.py) and its train.py loop:
     forward, backward, clip_grad_norm_(1.0), AdamW as its configure_optimizers makes it, zero_grad.
-Prints one JSON line: the median step of each and the ratios (>1: abi_train is faster).
+``--unfused-adamw`` gives abi_train the optimizer it had before (PyTorch's CPU default AdamW, a loop over
+tensors) to price that change. Prints one JSON line: the median step of each and the ratios (>1: abi_train is
+faster).
 """
 
 from __future__ import annotations
@@ -102,7 +104,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200, help="timed steps of each (after 20 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--unfused-adamw", action="store_true", help="abi_train's AdamW as before: not fused")
     args = ap.parse_args()
+    if args.unfused_adamw:
+        import abi_train.trainer
+        from abi_train.optim import param_groups
+
+        abi_train.trainer.build_optimizer = lambda model, cfg: torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+        )
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     steps = {"abi_train": abi_step("gelu_tanh"), "abi_train_exact_gelu": abi_step("gelu"), "nanogpt": nanogpt_step()}
@@ -119,6 +129,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "steps": args.steps,
+        "abi_train_adamw": "default (unfused)" if args.unfused_adamw else "fused",
         **{f"{name}_step_ms": round(ms, 2) for name, ms in median.items()},
         "speed_ratio": round(median["nanogpt"] / median["abi_train"], 3),
         "speed_ratio_exact_gelu": round(median["nanogpt"] / median["abi_train_exact_gelu"], 3),
