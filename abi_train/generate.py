@@ -65,12 +65,10 @@ def stream_tokens(
     top_k: int | None,
     generator: torch.Generator,
 ) -> Iterator[int]:
-    """New token ids one at a time (the model's own sampling, one step per call), stopping at EOS."""
+    """New token ids one at a time (the model's own sampling with its KV cache), stopping at EOS."""
     device = next(model.parameters()).device
-    idx = torch.tensor([ids], device=device)
-    for _ in range(max_new_tokens):
-        idx = model.generate(idx, 1, temperature, top_k, generator)
-        nxt = int(idx[0, -1])
+    for token in model.stream(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, generator):
+        nxt = int(token[0, 0])
         if nxt == eos_id:
             return
         yield nxt

@@ -188,6 +188,30 @@ def test_generate(style):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_kv_cache_gives_the_logits_of_a_full_forward(style):
+    """A prompt into the KV cache, then one token at a time: every step's logits equal those of the whole
+    sequence recomputed; past the context, generation equals the uncached sliding window."""
+    from abi_train.models.layers import KVCache
+
+    m = tiny(style)
+    seq = torch.randint(0, 128, (2, 40))
+    full = m(seq)
+    caches = [KVCache() for _ in m.blocks]
+    steps = [m(seq[:, :30], caches=caches)] + [m(seq[:, t : t + 1], caches=caches) for t in range(30, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one token at a time"):
+        m(seq[:, :2], caches=caches)
+
+    def uncached(idx: torch.Tensor, n: int) -> torch.Tensor:  # the definition: recompute the window every step
+        for _ in range(n):
+            idx = torch.cat([idx, m(idx[:, -m.cfg.context_length :])[:, -1:].argmax(-1)], dim=1)
+        return idx
+
+    prompt = torch.randint(0, 128, (1, 120))
+    assert torch.equal(m.generate(prompt, 16, temperature=0), uncached(prompt, 16))
+
+
 def write_checkpoint(run_dir: Path, model, tokenizer: Tokenizer, family: str = "llm") -> Path:
     tmp = ckpt.begin_checkpoint(run_dir, 7)
     ckpt.write_weights(tmp, model)

@@ -14,6 +14,7 @@ checkpoint stores and what ``abi_train.export.gguf_llm`` maps to llama.cpp's nam
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abi_train.errors import UserError
-from abi_train.models.layers import ROPE_SCALINGS, Block, make_norm, rope_cache
+from abi_train.models.layers import ROPE_SCALINGS, Block, KVCache, make_norm, rope_cache
 
 STYLES = ("llama", "qwen2", "gpt2")
 GPT2_ACTS = ("gelu_tanh", "gelu")
@@ -159,24 +160,67 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.context_length
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
         """Logits (B, T, V) for token ids ``idx`` (B, T); with ``targets``, the mean cross entropy
-        over positions whose target is not -100."""
-        seq_len = idx.shape[1]
-        if seq_len > self.cfg.context_length:
-            raise ValueError(f"sequence length {seq_len} exceeds context_length {self.cfg.context_length}")
+        over positions whose target is not -100. ``caches`` (one KVCache per block, for generation): ``idx``
+        continues the positions they hold."""
+        start = caches[0].length if caches else 0
+        end = start + idx.shape[1]
+        if end > self.cfg.context_length:
+            raise ValueError(f"sequence length {end} exceeds context_length {self.cfg.context_length}")
         x = self.tok_embd(idx)
         if self.rope is None:
-            x = x + self.pos_embd(torch.arange(seq_len, device=idx.device))
+            x = x + self.pos_embd(torch.arange(start, end, device=idx.device))
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, self.rope)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rope, caches[i] if caches else None)
         logits = self.lm_head(self.norm_f(x))
         if targets is None:
             return logits
         # No explicit .float(): under autocast cross_entropy upcasts internally, so no second full
         # fp32 copy of the (B*T, V) logits is kept alive by us.
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Sampled next tokens (B, 1) after ``idx`` (B, T), one at a time; temperature 0 is greedy.
+
+        Keys and values are cached, so each token costs one position's forward. Once the context is full,
+        every step recomputes the last context_length tokens (a sliding window, positions from 0).
+        """
+        context = self.cfg.context_length
+        caches: list[KVCache] | None = [KVCache() for _ in self.blocks]
+        logits = self(idx[:, -context:], caches=caches)[:, -1, :]
+        for _ in range(max_new_tokens):
+            nxt = self._sample(logits.float(), temperature, top_k, generator)
+            yield nxt
+            idx = torch.cat([idx, nxt], dim=1)
+            if caches is not None and caches[0].length < context:
+                logits = self(nxt, caches=caches)[:, -1, :]
+            else:
+                caches = None
+                logits = self(idx[:, -context:])[:, -1, :]
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
     @torch.no_grad()
     def generate(
@@ -187,19 +231,9 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T); temperature 0 is greedy."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.context_length :])[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        """``idx`` (B, T) with ``max_new_tokens`` sampled tokens appended (see ``stream``)."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, generator))
+        return torch.cat([idx, *new], dim=1)
 
 
 def build_gpt(**kwargs: Any) -> GPT:

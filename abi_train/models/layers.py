@@ -91,6 +91,24 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class KVCache:
+    """One attention layer's keys and values of every position seen so far, for incremental decoding: a prompt
+    fills it at once, then each new token attends to all of it."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     """Multi-head attention with one fused QKV projection; grouped-query when n_kv_head < n_head.
 
@@ -122,7 +140,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias if proj_bias is None else proj_bias)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        start = 0 if cache is None else cache.length  # positions already in the cache
+        if start and x.shape[1] > 1 and self.causal:
+            raise ValueError("a filled KV cache is extended one token at a time")
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
@@ -130,7 +151,9 @@ class Attention(nn.Module):
         # view + transpose (no graph break); in eager mode it adds ~8 us per call on the host.
         q, k, v = (rearrange(t, "b t (h d) -> b h t d", d=self.head_dim) for t in (q, k, v))
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = apply_rope(q, rope[:, start:]), apply_rope(k, rope[:, start:])
+        if cache is not None:
+            k, v = cache.extend(k, v)
         # The pin sits inside forward so torch.compile traces it (a context around the compiled call is not
         # seen by the graph).
         with sdpa_kernel(self.kernels) if self.kernels else contextlib.nullcontext():
@@ -138,7 +161,7 @@ class Attention(nn.Module):
                 q,
                 k,
                 v,
-                is_causal=self.causal,
+                is_causal=self.causal and not start,  # one new token sees every cached position
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
@@ -221,8 +244,8 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.resid_dropout(self.attn(self.norm1(x), rope)))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.resid_dropout(self.attn(self.norm1(x), rope, cache)))
         return x + self.drop_path(self.resid_dropout(self.mlp(self.norm2(x))))
 
 
