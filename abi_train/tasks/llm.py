@@ -1,8 +1,9 @@
-"""LLM pretraining: next-token cross entropy over fixed windows of a token stream.
+"""LLM training: next-token cross entropy over fixed windows of a token stream, from scratch or from
+pretrained weights (``init_from``).
 
 Data is ``data=text`` (files or the built-in corpus, tokenized once and cached) or ``data=shards``
-(pre-tokenized, memory-mapped). The tokenizer comes from the checkpoint on resume, else
-``data.tokenizer``, else it is trained on the training text.
+(pre-tokenized, memory-mapped). The tokenizer comes from the checkpoint on resume, else from the init_from
+source (with its special tokens and chat template), else ``data.tokenizer``, else it is trained on the text.
 """
 
 from __future__ import annotations
