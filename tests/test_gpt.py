@@ -45,9 +45,15 @@ def tiny(style: str = "llama", seed: int = 0, **over):
 def test_shapes_and_loss(style):
     m = tiny(style)
     idx = torch.randint(0, 128, (2, 16))
-    assert m(idx).shape == (2, 16, 128)
+    logits = m(idx)
+    assert logits.shape == (2, 16, 128)
     loss = m(idx, idx)
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert loss.ndim == 0
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()))
+    masked = idx.clone()
+    masked[:, ::2] = -100  # ignored targets: the mean runs over the others only
+    want = F.cross_entropy(logits[:, 1::2].flatten(0, 1), idx[:, 1::2].flatten())
+    torch.testing.assert_close(m(idx, masked), want)
     loss.backward()
     assert all(p.grad is not None for p in m.parameters())
     with pytest.raises(ValueError, match="context_length"):
