@@ -12,7 +12,7 @@ this module only decides which source PATH is and merges its config with the run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,13 +82,9 @@ def from_checkpoint(path: Path) -> Pretrained:
 def merge_model_config(
     source: dict[str, Any], requested: dict[str, Any], explicit: Iterable[str], origin: str
 ) -> dict[str, Any]:
-    """The source's config, with the run's TUNABLE options. An explicit override (``model.KEY=...`` on the
-    command line) of a shape key that contradicts the source is a UserError."""
-    if requested.get("arch", source["arch"]) != source["arch"]:
-        raise UserError(
-            f"init_from={origin} holds a {source['arch']!r} model but this run trains {requested['arch']!r} "
-            f"models; pick the recipe of that architecture"
-        )
+    """The source's config (of the run's architecture: ``Task.use_pretrained`` checked it), with the run's
+    TUNABLE options. An explicit override (``model.KEY=...`` on the command line) of a shape key that
+    contradicts the source is a UserError."""
     merged = dict(source)
     for key in TUNABLE & set(requested):
         if key != "name" or key in explicit:  # the source's own name unless the user names it
@@ -102,21 +98,44 @@ def merge_model_config(
     return merged
 
 
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the model ``config`` builds, from the meta device (no memory, no init)."""
+    from abi_train.models import build_model
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+
+
+def check_weights(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    source: str,
+    origin: Mapping[str, str] | None = None,
+) -> None:
+    """Every expected tensor is there with its shape, and nothing else; an error names the tensor as the
+    source calls it (``origin``: our name -> the source's)."""
+    origin = origin or {}
+    for name, t in state.items():
+        if name not in expected:
+            raise UserError(
+                f"{source}: tensor {origin.get(name, name)!r} does not fit this model configuration "
+                f"(it would be {name}, which the model does not have)"
+            )
+        if tuple(t.shape) != expected[name]:
+            raise UserError(
+                f"{source}: tensor {origin.get(name, name)!r} has shape {tuple(t.shape)}, "
+                f"the config implies {expected[name]}"
+            )
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UserError(f"{source}: the weights lack a tensor for {missing[0]} (of {len(missing)} missing)")
+
+
 def load_pretrained_weights(model: nn.Module, pretrained: Pretrained) -> None:
     """Copy the source's weights into ``model`` (same names, same shapes); a mismatch names the tensor."""
     state = pretrained.load_weights()
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unknown = sorted(set(state) - set(own))
-    if missing or unknown:
-        what = f"lacks {missing[0]}" if missing else f"has {unknown[0]}, which the model does not know"
-        raise UserError(f"init_from={pretrained.path}: the weights do not fit the model: it {what}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise UserError(
-                f"init_from={pretrained.path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                f"the model expects {tuple(own[name].shape)}"
-            )
+    check_weights(state, {k: tuple(v.shape) for k, v in own.items()}, f"init_from={pretrained.path}")
     with torch.no_grad():
         for name, tensor in state.items():
             own[name].copy_(tensor)

@@ -29,13 +29,13 @@ from abi_train.hf.vit import (
     ACT_OUT,
     Rule,
     act_in,
-    check_against_model,
     image_processor,
     mlp_ratio,
     rename_in,
     rename_out,
     square_size,
 )
+from abi_train.weights import check_weights, expected_shapes
 
 READS = ("CLIPModel", "open_clip")
 
@@ -276,7 +276,8 @@ def config_from_hf(folder: HFFolder) -> dict[str, Any]:
 def state_dict_from_hf(folder: HFFolder, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     rules, ignore = (OC_RULES, OC_IGNORE) if folder.architecture == "open_clip" else (HF_RULES, HF_IGNORE)
     state, origin = rename_in(folder.tensors, rules, ignore, str(folder.path))
-    return check_against_model(state, origin, config, str(folder.path))
+    check_weights(state, expected_shapes(config), str(folder.path), origin)
+    return state
 
 
 def tokenizer_from_hf(folder: HFFolder) -> Tokenizer | None:

@@ -19,7 +19,7 @@ import torch
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 from abi_train.hf import HFExport, HFFolder
-from abi_train.models import build_model
+from abi_train.weights import check_weights, expected_shapes
 
 READS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel", "GPT2Model")
 STYLE = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2"}
@@ -141,13 +141,6 @@ def config_from_hf(folder: HFFolder) -> dict[str, Any]:
     return config
 
 
-def _expected(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Our parameter names and shapes for ``config``, from a model built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = build_model(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def state_dict_from_hf(folder: HFFolder, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The folder's tensors under our names; an unknown name, a missing or wrong-shaped tensor is named."""
     tensors = {k: v for k, v in folder.tensors.items() if not IGNORED.search(k)}
@@ -202,18 +195,7 @@ def state_dict_from_hf(folder: HFFolder, config: dict[str, Any]) -> dict[str, to
     if config["tie_embeddings"] and "tok_embd.weight" in state:
         state["lm_head.weight"] = state["tok_embd.weight"]  # a stored copy of a tied head is the same tensor
         origin["lm_head.weight"] = origin["tok_embd.weight"]
-    expected = _expected(config)
-    for name, shape in expected.items():
-        if name not in state:
-            raise UserError(f"{folder.path}: the weights lack the tensor abi_train calls {name}")
-        if tuple(state[name].shape) != shape:
-            raise UserError(
-                f"{folder.path}: tensor {origin[name]} has shape {tuple(state[name].shape)}; "
-                f"{_where(folder)} implies {shape}"
-            )
-    extra = sorted(set(state) - set(expected))
-    if extra:  # e.g. biases on a config that says attention_bias=false
-        raise UserError(f"{folder.path}: tensor {origin[extra[0]]} does not fit the model {_where(folder)} describes")
+    check_weights(state, expected_shapes(config), str(folder.path), origin)
     return state
 
 

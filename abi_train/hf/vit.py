@@ -21,7 +21,7 @@ from torch import nn
 
 from abi_train.errors import UserError
 from abi_train.hf import HFExport, HFFolder
-from abi_train.models import build_model
+from abi_train.weights import check_weights, expected_shapes
 
 READS = ("ViTForImageClassification", "ViTModel", "timm")
 
@@ -152,29 +152,6 @@ def rename_out(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, t
         else:
             raise AssertionError(f"no export rule for {name}")  # a bug: every parameter has a rule
     return out
-
-
-def check_against_model(
-    state: dict[str, torch.Tensor], origin: dict[str, str], config: dict[str, Any], source: str
-) -> dict[str, torch.Tensor]:
-    """Every tensor our model of ``config`` has, each with its shape; errors name their tensor."""
-    with torch.device("meta"):  # shapes only: no memory, no init
-        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
-    for name, t in state.items():
-        if name not in expected:
-            raise UserError(
-                f"{source}: tensor {origin.get(name, name)!r} does not fit this model configuration "
-                f"(it would be {name}, which the model does not have)"
-            )
-        if tuple(t.shape) != expected[name]:
-            raise UserError(
-                f"{source}: tensor {origin.get(name, name)!r} has shape {tuple(t.shape)}, "
-                f"the config implies {expected[name]}"
-            )
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise UserError(f"{source}: the weights lack a tensor for {missing[0]} (of {len(missing)} missing)")
-    return state
 
 
 def square_size(value: Any, key: str, source: str) -> int:
@@ -354,7 +331,8 @@ def state_dict_from_hf(folder: HFFolder, config: dict[str, Any]) -> dict[str, to
         prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
         rules, ignore = _hf_rules(prefix), (rf"{re.escape(prefix)}pooler\..*",)  # ViTModel's pooler: unused
     state, origin = rename_in(tensors, rules, ignore, str(folder.path))
-    return check_against_model(state, origin, config, str(folder.path))
+    check_weights(state, expected_shapes(config), str(folder.path), origin)
+    return state
 
 
 def tokenizer_from_hf(folder: HFFolder) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
+from abi_train.models import SPECS, model_spec
 from abi_train.weights import Pretrained, merge_model_config
 
 
@@ -44,7 +45,15 @@ class Task(ABC):
         self.pretrained: Pretrained | None = None
 
     def use_pretrained(self, pretrained: Pretrained) -> None:
-        """Start from ``pretrained`` (init_from): its shape, tokenizer and input facts. Before ``setup``."""
+        """Start from ``pretrained`` (init_from): its shape, tokenizer and input facts. Before ``setup``; a
+        source of an architecture this task does not train is a UserError here, before any data is read."""
+        arch = pretrained.model_config.get("arch")
+        if model_spec(arch).task != self.family:
+            ours = next(spec.arch for spec in SPECS.values() if spec.task == self.family)
+            raise UserError(
+                f"init_from={pretrained.path} holds a {arch!r} model but this run trains {ours!r} models; "
+                "pick the recipe of that architecture"
+            )
         self.pretrained = pretrained
 
     # --- setup -------------------------------------------------------------------------------

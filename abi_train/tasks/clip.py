@@ -58,11 +58,6 @@ class CLIPTask(Task):
             raise UserError(f"loss={self.loss_name!r} is not known; valid: {', '.join(LOSSES)}")
         data = data_source(d, self.family)  # before any data.KEY: a wrong group is one line, not a missing key
         source = self.pretrained.model_config if self.pretrained is not None else None
-        if source is not None and source.get("arch") != "clip":
-            raise UserError(
-                f"init_from={self.pretrained.path} holds a {source.get('arch')!r} model but this run trains 'clip' "
-                "models; pick the recipe of that architecture"
-            )
         if source is not None and source.get("loss", "clip") != self.loss_name:
             bias = "has no" if source.get("loss", "clip") == "clip" else "has a"
             raise UserError(
