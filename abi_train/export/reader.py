@@ -23,7 +23,7 @@ from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 from abi_train.export.gguf_common import tokenizer_from_gguf
 from abi_train.models import SPECS, build_model
-from abi_train.weights import Pretrained
+from abi_train.weights import Pretrained, load_pretrained_weights
 
 # Large arrays that come back as the Tokenizer instead of in the metadata dict.
 _TOKENIZER_ARRAYS = (
@@ -88,7 +88,10 @@ def _state(fam: Any, kv: dict[str, Any], tensors: Mapping[str, torch.Tensor], co
 
 def load_gguf(path: str | Path) -> Pretrained:
     """A GGUF file as an ``init_from`` source: the model config and tokenizer now, the weights on demand."""
-    path, kv, tensors = _open(path)
+    return _pretrained(*_open(path))
+
+
+def _pretrained(path: Path, kv: dict[str, Any], tensors: GGUFTensors) -> Pretrained:
     fam = _family_module(kv)
     config = fam.config_from_gguf(kv, tensors)
     tokenizer = tokenizer_from_gguf(kv, str(path)) if fam.NEEDS_TOKENIZER else None
@@ -111,17 +114,11 @@ def metadata_from_gguf(kv: dict[str, Any]) -> dict[str, Any]:
 def read_gguf(path: str | Path) -> tuple[nn.Module, Tokenizer | None, dict[str, Any]]:
     """(model in eval mode on CPU, tokenizer or None, metadata key -> value)."""
     path, kv, tensors = _open(path)
-    fam = _family_module(kv)
-    config = fam.config_from_gguf(kv, tensors)
-    model = build_model(config)
-    try:
-        model.load_state_dict(_state(fam, kv, tensors, config), strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"{path}: tensors do not fit the model its metadata describes ({first})") from None
-    tokenizer = tokenizer_from_gguf(kv, str(path))
+    pretrained = _pretrained(path, kv, tensors)
+    model = build_model(pretrained.model_config)
+    load_pretrained_weights(model, pretrained)
     metadata = {k: v for k, v in kv.items() if k not in _TOKENIZER_ARRAYS}
-    return model.eval(), tokenizer, metadata
+    return model.eval(), pretrained.tokenizer, metadata
 
 
 def _family_module(kv: dict[str, Any]) -> Any:
