@@ -14,12 +14,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from abi_train.checkpoint import load_meta
 from abi_train.cli import run_cli
 from abi_train.data.chat import render_chat
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
-from abi_train.models import SPECS, build_model
+from abi_train.models import build_model
 from abi_train.utils import pick_device
 from abi_train.weights import load_pretrained, load_pretrained_weights
 
@@ -35,10 +34,8 @@ def load_lm(path: str, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
     """An LLM and its tokenizer from any init_from source, in eval mode on ``device``."""
     pretrained = load_pretrained(path)
     arch = pretrained.model_config.get("arch")
-    family = load_meta(pretrained.path).get("family") if pretrained.kind == "checkpoint" else None
-    if arch != "gpt" or family in {spec.task for spec in SPECS.values() if spec.arch != "gpt"}:
-        what = f"family {family!r}" if family else f"arch {arch!r}"
-        raise UserError(f"{path} is not an LLM checkpoint ({what}); generation needs an LLM (arch 'gpt')")
+    if arch != "gpt":
+        raise UserError(f"{path} is not an LLM checkpoint (arch {arch!r}); generation needs an LLM (arch 'gpt')")
     if pretrained.tokenizer is None:
         raise UserError(f"{path} has no tokenizer; generation needs one")
     model = build_model(pretrained.model_config)

@@ -240,7 +240,8 @@ def test_generate_cli(tmp_path, capsys, monkeypatch):
     generate.main()
     assert capsys.readouterr().out.startswith("Hi")
 
-    write_checkpoint(tmp_path / "vit", tiny(vocab_size=320), tok, family="vit")
+    vit = build_model({"arch": "vit", "image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "heads": 2})
+    write_checkpoint(tmp_path / "vit", vit, tok, family="vit")
     for argv, msg in [
         ([str(tmp_path / "vit")], "not an LLM checkpoint"),
         ([str(tmp_path / "missing")], "does not exist"),
