@@ -1,7 +1,8 @@
 """Checkpoints: one folder per saved step, written to a temp folder and renamed into place.
 
     <run_dir>/checkpoints/step_00000100/
-        model.safetensors   raw model weights (no pickle)
+        model.safetensors   raw model weights (no pickle); a LoRA run writes adapter.safetensors instead: the
+                            trained tensors only, meta.json naming the base (init_from and its content hash)
         meta.json           step, family, model_config (rebuilds the model via the builder registry), ...
         train_state.pt      optimizer, scheduler, scaler, counters (torch.load(weights_only=True))
         rng_rank<N>.pt      every RNG of process N (weights_only)
@@ -33,6 +34,8 @@ from abi_train.models import build_model
 
 PREFIX = "step_"
 LATEST = "latest"
+WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -67,8 +70,8 @@ def write_weights(tmp: Path, model: nn.Module) -> None:
     st_save_model(model, str(tmp / "model.safetensors"))
 
 
-def write_state_dict(tmp: Path, state: dict[str, torch.Tensor]) -> None:
-    """model.safetensors from a (gathered) state dict, byte for byte what ``write_weights`` writes for
+def write_state_dict(tmp: Path, state: dict[str, torch.Tensor], filename: str = WEIGHTS) -> None:
+    """model.safetensors (or ``filename``) from a (gathered) state dict, byte for byte what ``write_weights`` writes for
     the same weights: a tensor stored under several names (tied weights) is kept once, under its
     alphabetically first name, the others recorded in the metadata as safetensors' save_model does."""
     by_tensor: dict[int, list[str]] = {}
@@ -79,7 +82,7 @@ def write_state_dict(tmp: Path, state: dict[str, torch.Tensor]) -> None:
         keep, *others = sorted(names)
         kept[keep] = state[keep].contiguous()
         aliases.update({other: keep for other in others})
-    st_save_file(kept, str(tmp / "model.safetensors"), metadata=aliases or None)
+    st_save_file(kept, str(tmp / filename), metadata=aliases or None)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +141,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"checkpoint path {str(path)!r} does not exist")
-    if (path / "meta.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / "meta.json").is_file() and ((path / WEIGHTS).is_file() or (path / ADAPTER).is_file()):
         return path
     found = latest_checkpoint(path)
     if found is None:
@@ -159,8 +162,19 @@ def load_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def load_weights(model: nn.Module, ckpt_dir: Path) -> None:
-    """Load model.safetensors into ``model``; a shape or name mismatch is a UserError."""
-    path = Path(ckpt_dir) / "model.safetensors"
+    """Load model.safetensors into ``model``, or a LoRA run's adapter.safetensors into the trainable tensors of
+    a model that already holds the base and its LoRA layers; a shape or name mismatch is a UserError."""
+    adapter = Path(ckpt_dir) / ADAPTER
+    if adapter.is_file():
+        state = read_state_dict(adapter)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != set(trainable) or any(state[n].shape != trainable[n].shape for n in state):
+            raise UserError(f"checkpoint {str(ckpt_dir)!r}: its adapter does not fit this model's adapter options")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                trainable[name].copy_(tensor)
+        return
+    path = Path(ckpt_dir) / WEIGHTS
     try:
         st_load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
     except (RuntimeError, SafetensorError, OSError) as e:
@@ -169,7 +183,8 @@ def load_weights(model: nn.Module, ckpt_dir: Path) -> None:
 
 
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from the builder registry and load its weights (eval mode)."""
+    """Rebuild the model from the builder registry and load its weights (eval mode). A LoRA run's checkpoint
+    comes back as its base (read again from where it was, its content hash checked) with the LoRA layers."""
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     meta = load_meta(ckpt_dir)
     try:
@@ -177,6 +192,12 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tupl
     except TypeError as e:
         raise UserError(f"checkpoint {str(ckpt_dir)!r} has an invalid model_config: {e}") from None
     model.to(device)
+    if meta.get("adapter"):
+        from abi_train.lora import LoRAConfig, apply_lora
+        from abi_train.weights import load_adapter_base
+
+        load_adapter_base(model, meta["adapter"]["base"], str(ckpt_dir))
+        apply_lora(model, LoRAConfig.from_dict(meta["adapter"]))
     load_weights(model, ckpt_dir)
     return model.eval(), meta
 

@@ -439,6 +439,10 @@ def full_model(model: nn.Module) -> nn.Module | None:
     from abi_train.models import build_model
 
     whole = build_model(model.config)
+    if getattr(model, "lora_config", None) is not None:
+        from abi_train.lora import apply_lora
+
+        apply_lora(whole, model.lora_config)
     whole.load_state_dict(state)
     return whole.train(model.training)
 

@@ -41,13 +41,14 @@ from abi_train.distributed import (
     wrap_model,
 )
 from abi_train.errors import UserError
+from abi_train.lora import adapter_config, apply_lora, freeze, trainable_state
 from abi_train.metrics import MetricsLogger, Progress, peak_flops
 from abi_train.models import build_model
 from abi_train.models.layers import ATTENTION_KERNELS, pin_attention_kernel
 from abi_train.optim import build_optimizer, build_scheduler
 from abi_train.tasks.base import EvalResult, Task
 from abi_train.utils import pick_device, rng_state, seed_everything, set_rng_state
-from abi_train.weights import load_pretrained, load_pretrained_weights
+from abi_train.weights import base_identity, load_pretrained, load_pretrained_weights
 
 
 @dataclass
@@ -246,8 +247,14 @@ class Trainer:
         self.resume_from = self._resume_point()
         seed_everything(cfg.trainer.seed + dist.rank)
         # On resume the source still gives the shape and inputs (the same command resumes); its weights
-        # are not read.
+        # are read only under an adapter (the checkpoint holds the adapter alone).
         pretrained = load_pretrained(cfg.init_from) if cfg.init_from else None
+        self.adapter = adapter_config(cfg.get("adapter"))
+        self.base = None  # what an adapter checkpoint records of its base
+        if self.adapter is not None:
+            if pretrained is None:
+                raise UserError("adapter=lora needs init_from=PATH: the pretrained model the adapter adapts")
+            self.base = base_identity(pretrained)
         if pretrained is not None:
             self.task.use_pretrained(pretrained)
         self.task.setup(self.resume_from)
@@ -256,11 +263,12 @@ class Trainer:
         pin_attention_kernel(raw, cfg.trainer.attention)
         if cfg.trainer.bf16_residual:
             keep_residual_in(raw, torch.bfloat16)
+        if pretrained is not None and (self.resume_from is None or self.adapter is not None):
+            load_pretrained_weights(raw, pretrained)
+        self._make_trainable(raw)
         if self.resume_from is not None:
             self._check_same_model(self.resume_from)
             ckpt.load_weights(raw, self.resume_from)
-        elif pretrained is not None:
-            load_pretrained_weights(raw, pretrained)
         # Before the optimizer: FSDP2 shards raw in place (its parameters become DTensors).
         self.model = wrap_model(raw, cfg.trainer, dist, self.device)
         self.raw_model = raw
@@ -268,6 +276,14 @@ class Trainer:
         if cfg.trainer.compile:
             self.model = torch.compile(self.model)
         self.batches = self._batches()
+
+    def _make_trainable(self, raw: torch.nn.Module) -> None:
+        """trainer.freeze, then the adapter (which freezes the rest): before the wrapping and the optimizer, which
+        take only what still needs gradients."""
+        if self.cfg.trainer.freeze:
+            freeze(raw, list(self.cfg.trainer.freeze))
+        if self.adapter is not None:
+            apply_lora(raw, self.adapter)
 
     def _resume_point(self) -> Path | None:
         """The checkpoint to continue from: resume=true needs one, resume=auto takes one when there is one
@@ -326,7 +342,21 @@ class Trainer:
         return map(move, loader)
 
     def _check_same_model(self, ckpt_dir: Path) -> None:
-        stored = ckpt.load_meta(ckpt_dir)["model_config"]
+        meta = ckpt.load_meta(ckpt_dir)
+        stored_adapter = meta.get("adapter")
+        if (stored_adapter is None) != (self.adapter is None) or (
+            stored_adapter is not None and {**stored_adapter, "base": None} != {**self._adapter_meta(), "base": None}
+        ):
+            raise UserError(
+                f"checkpoint {ckpt_dir} was trained with adapter {stored_adapter or 'none'}; resume with the same "
+                "adapter options"
+            )
+        if stored_adapter is not None and stored_adapter["base"]["sha256"] != self.base["sha256"]:
+            raise UserError(
+                f"checkpoint {ckpt_dir} adapts {stored_adapter['base']['init_from']}, but init_from="
+                f"{self.cfg.init_from} has different weights; resume with the base the adapter was trained on"
+            )
+        stored = meta["model_config"]
         if stored != self.model_config:
             keys = set(stored) | set(self.model_config)
             changed = sorted(k for k in keys if stored.get(k) != self.model_config.get(k))
@@ -361,25 +391,33 @@ class Trainer:
         if rng is not None:
             set_rng_state(rng)
 
+    def _adapter_meta(self) -> dict[str, Any] | None:
+        return None if self.adapter is None else {**self.adapter.to_dict(), "base": self.base}
+
     def _meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "family": self.task.family,
             "model_config": self.model_config,
             "metadata": self.task.metadata(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
+        if self.adapter is not None:
+            meta["adapter"] = self._adapter_meta()
+        return meta
 
     def save_checkpoint(self) -> Path | None:
         """Every rank calls this: weights and optimizer state are gathered whole (collectives under FSDP),
         so any number of processes can resume the checkpoint; rank 0 writes."""
         weights, train_state = full_state_dict(self.raw_model), self._train_state()
+        if self.adapter is not None:  # the adapter alone (a few MB); the base is named in meta.json
+            weights = trainable_state(self.raw_model, weights)
         if self.dist.is_main:
             ckpt.begin_checkpoint(self.run_dir, self.step)
         tmp = ckpt.temp_checkpoint_dir(self.run_dir, self.step)
         barrier()
         torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
         if self.dist.is_main:
-            ckpt.write_state_dict(tmp, weights)
+            ckpt.write_state_dict(tmp, weights, ckpt.WEIGHTS if self.adapter is None else ckpt.ADAPTER)
         barrier()
         final = None
         if self.dist.is_main:
@@ -443,6 +481,9 @@ class Trainer:
         end = min(tc.max_steps, tc.stop_at_step or tc.max_steps)
         window = LogWindow(torch.zeros((), device=self.device), torch.zeros((), device=self.device))
         window.reset()
+        if self._eval_at_start():
+            self._evaluate_and_log()  # the baseline, logged at step 0
+            window.started = time.perf_counter()
         self.model.train()
         while self.step < end:
             out = self.train_step(self.batches)
@@ -467,6 +508,15 @@ class Trainer:
                 window.started = time.perf_counter()
         self._finish()
         return self.summary
+
+    def _eval_at_start(self) -> bool:
+        """trainer.eval_at_start: true | false | auto (a run that starts from init_from, not a resumed one)."""
+        mode = self.cfg.trainer.get("eval_at_start", False)
+        if mode not in (True, False, "auto"):
+            raise UserError(f"trainer.eval_at_start={mode!r} is not known; valid: true | false | auto")
+        if self.step > 0 or not self.cfg.trainer.eval_every:
+            return False
+        return bool(self.cfg.init_from) if mode == "auto" else mode
 
     def _start_run(self) -> None:
         """Rank 0 writes the run dir's config and artifacts; logger, progress bar, the one-line intro."""
@@ -545,14 +595,19 @@ class Trainer:
                 from abi_train.export import export_gguf
 
                 tokenizer = self.run_dir / "tokenizer.json"
-                out = export_gguf(
+                meta = {**self._meta(), "step": self.step}
+                out = export_gguf(  # an adapter is merged in
                     whole,
-                    {**self._meta(), "step": self.step},
+                    meta,
                     tokenizer if tokenizer.is_file() else None,
                     self.run_dir / "model.gguf",
                     cfg.export.outtype,
                 )
                 self.progress.message(f"exported {out}")
+                if self.adapter is not None and cfg.export.get("adapter"):
+                    from abi_train.export.gguf_lora import export_gguf_lora
+
+                    self.progress.message(f"exported {export_gguf_lora(whole, meta, self.run_dir / 'adapter.gguf')}")
         self.logger.close()
 
     @torch.no_grad()

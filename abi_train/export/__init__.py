@@ -15,6 +15,7 @@ from torch import nn
 from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
 from abi_train.errors import UserError
 from abi_train.export.gguf_common import add_general, add_tensors, check_outtype
+from abi_train.lora import merged
 from abi_train.models import model_spec
 
 # gguf's writer logs its file plan (naming our temp file) at INFO: noise in a training log.
@@ -33,11 +34,13 @@ def export_gguf(
     out_path: str | Path,
     outtype: str = "f16",
 ) -> Path:
-    """Write ``model`` (raw, not DDP/compiled) as a GGUF file; ``meta`` is a checkpoint's meta.json dict.
+    """Write ``model`` (raw, not DDP/compiled; LoRA layers merged) as a GGUF file; ``meta`` is a checkpoint's
+    meta.json dict.
 
     The file appears only complete: it is written to ``<out>.tmp-<pid>`` beside it, then renamed.
     """
     outtype = check_outtype(outtype)
+    model = merged(model)  # a LoRA model exports as its base with the adapter merged in
     fam = gguf_adapter(model.config)
     out = Path(out_path)
     if not out.parent.is_dir():

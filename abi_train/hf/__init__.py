@@ -302,6 +302,7 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path, max_shard_bytes:
     """Export a checkpoint (or a run dir's latest) as a Hugging Face folder, through its arch's ``to_hf``."""
     from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
     from abi_train.data.tokenizer import Tokenizer
+    from abi_train.lora import merged
     from abi_train.models import model_spec
 
     check_output_dir(out_dir)  # before any weights are read
@@ -309,4 +310,4 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path, max_shard_bytes:
     adapter = model_spec(load_meta(ckpt)["model_config"].get("arch")).adapter("hf")
     model, meta = load_model(ckpt, device="cpu")
     tokenizer = Tokenizer.load(ckpt / "tokenizer.json") if (ckpt / "tokenizer.json").is_file() else None
-    return write_hf_folder(adapter.to_hf(model, meta, tokenizer), out_dir, max_shard_bytes)
+    return write_hf_folder(adapter.to_hf(merged(model), meta, tokenizer), out_dir, max_shard_bytes)
