@@ -11,6 +11,9 @@ prints. Options of the bench itself (not of the run config):
     bench.warmup=10     untimed steps first (compilation, autotuning, allocator warm-up)
     bench.compile_mode=default   torch.compile mode when trainer.compile=true (e.g. max-autotune-no-cudagraphs)
     bench.profile=FILE  after timing, profile 3 more steps and write the kernel table (by GPU time) to FILE
+
+With ``adapter=lora`` and no ``init_from``, the adapter adapts the randomly initialised model: the LoRA step costs
+the same on random weights.
 """
 
 from __future__ import annotations
@@ -135,10 +138,10 @@ def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] |
     cfg = compose(overrides)
     dist = dist_info_from_env()
     init_distributed(dist, str(cfg.trainer.device))
-    task = task_class(cfg.task)(cfg, dist)
     with tempfile.TemporaryDirectory() as run_dir:  # setup() writes nothing; a run dir is still required
+        task = task_class(cfg.task)(cfg, dist)
         trainer = Trainer(cfg, task, run_dir, dist)
-        trainer.setup()
+        trainer.setup(random_base=True)
     if cfg.trainer.compile and options["compile_mode"] != "default":
         trainer.model = torch.compile(unwrap_compile(trainer.model), mode=options["compile_mode"])
     batch = task.to_device(task.synthetic_batch(cfg.trainer.batch_size), trainer.device)
@@ -169,6 +172,8 @@ def run_bench(overrides: list[str], options: dict[str, Any]) -> dict[str, Any] |
         precision=cfg.trainer.precision,
         compile=bool(cfg.trainer.compile),
         compile_mode=options["compile_mode"] if cfg.trainer.compile else None,
+        adapter=None if trainer.adapter is None else trainer.adapter.to_dict(),
+        trainable_params=sum(p.numel() for p in trainer.params),
         attention=cfg.trainer.attention,
         bf16_residual=bool(cfg.trainer.bf16_residual),
         world_size=dist.world_size,

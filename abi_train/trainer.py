@@ -241,8 +241,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def setup(self) -> None:
-        """Build data, model, optimizer; restore a checkpoint on resume; wrap for distributed/compile."""
+    def setup(self, random_base: bool = False) -> None:
+        """Build data, model, optimizer; restore a checkpoint on resume; wrap for distributed/compile.
+        ``random_base`` (the bench): an adapter may adapt the randomly initialised model (the step costs the same)."""
         cfg, dist = self.cfg, self.dist
         self.resume_from = self._resume_point()
         seed_everything(cfg.trainer.seed + dist.rank)
@@ -251,7 +252,7 @@ class Trainer:
         pretrained = load_pretrained(cfg.init_from) if cfg.init_from else None
         self.adapter = adapter_config(cfg.get("adapter"))
         self.base = None  # what an adapter checkpoint records of its base
-        if self.adapter is not None:
+        if self.adapter is not None and not random_base:
             if pretrained is None:
                 raise UserError("adapter=lora needs init_from=PATH: the pretrained model the adapter adapts")
             self.base = base_identity(pretrained)

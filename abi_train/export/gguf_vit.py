@@ -15,9 +15,12 @@ clip.has_text_encoder, ``t.*``, text_projection) and its ``models/convert_hf_to_
 - ``clip.use_gelu`` true: GELU, not CLIP's quick GELU. ggml_gelu is the tanh approximation of our exact GELU.
 - The patch conv stays F32 (exact f32 round trip; today's ggml im2col takes F16/F32 kernels, never BF16 or
   quantized ones). Both converters write it F16: the 2023 ggml under monatis/clip.cpp had F16-only conv kernels.
+- A ViT without q/k/v biases (``qkv_bias`` false, as some HF/timm ViTs): monatis/clip.cpp loads
+  ``attn_{q,k,v}.bias`` as required tensors (llama.cpp's mtmd as optional ones), so zeros are written, which
+  compute the same; ``abi_train.vision.qkv_bias`` false tells our reader to drop them again.
 Our extensions, which clip.cpp does not read: ``v.patch_embd.bias`` (llama.cpp's name for it), ``v.head.*``
 (the classifier), ``abi_train.vision.pool`` (cls | avg: no class token), ``abi_train.vision.pre_norm``,
-``abi_train.class_names``.
+``abi_train.vision.qkv_bias``, ``abi_train.class_names``.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def add_vision_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], pr
     writer.add_array("clip.vision.image_std", [float(x) for x in info["image_std"]])
     writer.add_string("abi_train.vision.pool", c["pool"])
     writer.add_bool("abi_train.vision.pre_norm", c["pre_norm"])
+    writer.add_bool("abi_train.vision.qkv_bias", c.get("qkv_bias", True))
 
 
 def need(kv: dict[str, Any], key: str) -> Any:
@@ -171,6 +175,7 @@ def vision_from_kv(kv: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict
         "patch_bias": "v.patch_embd.bias" in tensors,
         "norm_eps": t["norm_eps"],
         "in_chans": need_tensor(tensors, "v.patch_embd.weight").shape[1],
+        "qkv_bias": bool(kv.get("abi_train.vision.qkv_bias", True)),
     }
 
 
@@ -194,7 +199,12 @@ def add_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], tokenizer
 
 
 def to_gguf(model: Any) -> dict[str, torch.Tensor]:
-    return tower_to_gguf(model.state_dict(), "v")
+    state = dict(model.state_dict())
+    if not model.config.get("qkv_bias", True):  # clip.cpp requires the biases: zeros compute the same
+        rows = model.blocks[0].attn.qkv.weight.shape[0] if len(model.blocks) else 0
+        for i in range(len(model.blocks)):
+            state[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(rows)
+    return tower_to_gguf(state, "v")
 
 
 def config_from_gguf(kv: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -214,4 +224,7 @@ def from_gguf(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
     stray = sorted(name for name in tensors if not name.startswith("v."))
     if stray:
         raise UserError(f"GGUF tensor {stray[0]!r} has no place in a ViT")
-    return tower_from_gguf(tensors, "v", "")
+    sd = tower_from_gguf(tensors, "v", "")
+    if not config.get("qkv_bias", True):  # the zeros written for clip.cpp (see the module docstring)
+        sd = {k: v for k, v in sd.items() if not k.endswith(".attn.qkv.bias")}
+    return sd

@@ -6,8 +6,8 @@ differ: HF splits q/k/v (ours is one fused [q|k|v] projection, as timm's ``attn.
 leading batch dim of 1 on ``cls_token`` / position embeddings.
 
 The renaming is table-driven (``Rule``); the same tables serve import and export, and CLIP (hf/clip.py)
-reuses the machinery. Anything our model cannot represent (qkv without bias, layer scale, register
-tokens, average pooling, ...) is a UserError that names the option rather than a silent approximation.
+reuses the machinery. Anything our model cannot represent (layer scale, register tokens, average pooling,
+...) is a UserError that names the option rather than a silent approximation.
 """
 
 from __future__ import annotations
@@ -204,8 +204,6 @@ def _hf_rules(prefix: str) -> list[Rule]:
 def _hf_config(folder: HFFolder) -> dict[str, Any]:
     c = {**HF_VIT_DEFAULTS, **folder.config}
     src = str(folder.path / "config.json")
-    if not c["qkv_bias"]:
-        raise UserError(f"{src}: qkv_bias=false is not supported (abi_train's ViT has q/k/v biases); need true")
     width = c["hidden_size"]
     config = dict(
         arch="vit",
@@ -223,6 +221,7 @@ def _hf_config(folder: HFFolder) -> dict[str, Any]:
         norm_eps=float(c["layer_norm_eps"]),
         in_chans=c["num_channels"],
         act=act_in(c["hidden_act"], "hidden_act", src),
+        qkv_bias=bool(c["qkv_bias"]),
     )
     if folder.architecture == "ViTForImageClassification":
         labels = c.get("id2label")
@@ -238,7 +237,6 @@ TIMM_SIZES["huge"] = (1280, 32, 16)
 TIMM_NAME = re.compile(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)")
 # model_args our model reproduces only at timm's default value (an explicit default is fine).
 TIMM_FIXED: dict[str, Any] = {
-    "qkv_bias": True,
     "class_token": True,
     "global_pool": "token",
     "no_embed_class": False,
@@ -290,7 +288,7 @@ def _timm_config(folder: HFFolder) -> dict[str, Any]:
                 f"{src}: timm option {key}={args[key]!r} is not supported by abi_train's ViT (only {default!r})"
             )
     known = {"embed_dim", "depth", "num_heads", "patch_size", "img_size", "mlp_ratio", "pre_norm", "num_classes"}
-    known |= {"in_chans"} | set(TIMM_FIXED) | set(TIMM_TUNABLE)
+    known |= {"in_chans", "qkv_bias"} | set(TIMM_FIXED) | set(TIMM_TUNABLE)
     unknown = sorted(set(args) - known)
     if unknown:
         raise UserError(f"{src}: timm option(s) {', '.join(unknown)} are not supported by abi_train's ViT")
@@ -312,6 +310,7 @@ def _timm_config(folder: HFFolder) -> dict[str, Any]:
         norm_eps=1e-6,  # timm's ViT LayerNorm
         in_chans=int(args.get("in_chans", 3)),
         act="gelu",
+        qkv_bias=bool(args.get("qkv_bias", True)),
     )
 
 
@@ -382,7 +381,7 @@ def to_hf(model: nn.Module, meta: dict[str, Any], tokenizer: Any = None) -> HFEx
         "image_size": c["image_size"],
         "patch_size": c["patch_size"],
         "num_channels": c["in_chans"],
-        "qkv_bias": True,
+        "qkv_bias": c.get("qkv_bias", True),
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "encoder_stride": c["patch_size"],

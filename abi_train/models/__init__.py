@@ -13,7 +13,7 @@ from importlib import import_module
 from types import ModuleType
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from abi_train.errors import UserError
 
@@ -25,17 +25,44 @@ class ModelSpec:
     gguf: str  # module with the GGUF name map and hyperparameters (abi_train/export/gguf_*.py)
     hf: str  # module with the Hugging Face adapter (abi_train/hf/*.py)
     task: str  # the task that trains it from scratch (its data and objective)
+    # "module:function" fitting pretrained weights to a model of other options (a new head, image size):
+    # (state, source config, target config) -> (state, names the model keeps from its own init). None: none.
+    adapt: str | None = None
+    adaptable: frozenset[str] = frozenset()  # config keys ``adapt`` handles: init_from may differ there
 
     def adapter(self, kind: str) -> ModuleType:
         """The ``gguf`` or ``hf`` adapter module."""
         return import_module(getattr(self, kind))
 
+    def adapt_weights(
+        self, state: dict[str, Tensor], source: dict[str, Any], target: dict[str, Any]
+    ) -> tuple[dict[str, Tensor], set[str]]:
+        """Pretrained weights (``source`` config) for a model built from ``target``: see ``adapt``."""
+        if self.adapt is None:
+            return state, set()
+        module, fn = self.adapt.split(":")
+        return getattr(import_module(module), fn)(state, source, target)
+
 
 SPECS = {
     "gpt": ModelSpec("gpt", "abi_train.models.gpt:build_gpt", "abi_train.export.gguf_llm", "abi_train.hf.llm", "llm"),
-    "vit": ModelSpec("vit", "abi_train.models.vit:build_vit", "abi_train.export.gguf_vit", "abi_train.hf.vit", "vit"),
+    "vit": ModelSpec(
+        "vit",
+        "abi_train.models.vit:build_vit",
+        "abi_train.export.gguf_vit",
+        "abi_train.hf.vit",
+        "vit",
+        adapt="abi_train.models.vit:adapt_state_dict",
+        adaptable=frozenset({"num_classes", "image_size"}),
+    ),
     "clip": ModelSpec(
-        "clip", "abi_train.models.clip:build_clip", "abi_train.export.gguf_clip", "abi_train.hf.clip", "clip"
+        "clip",
+        "abi_train.models.clip:build_clip",
+        "abi_train.export.gguf_clip",
+        "abi_train.hf.clip",
+        "clip",
+        adapt="abi_train.models.clip:adapt_state_dict",
+        adaptable=frozenset({"image_size"}),
     ),
 }
 

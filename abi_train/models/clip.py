@@ -6,12 +6,18 @@ The layout is OpenAI CLIP's, so the GGUF export maps it 1:1 onto clip.cpp's name
   visual_projection, text_projection (Linear, no bias)                                   -> same names
 The text tower is pooled at the end-of-text token: captions are "[SOT] words [EOT] pad...", and
 under the causal mask nothing after EOT reaches it, so padding never changes an embedding.
+
+Transfer: ``lock_image`` / ``lock_text`` (open_clip's names; LiT locks the image tower) build the model with
+that tower and its projection frozen (requires_grad off: no gradients, not in the optimizer); the same sets
+of parameters are ``freeze_groups`` "image" and "text" for ``trainer.freeze``. ``layer_id`` gives each tower
+its own layer-wise lr decay; the logit scale trains at the full lr.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -20,7 +26,7 @@ from torch import nn
 
 from abi_train.errors import UserError
 from abi_train.models.layers import Block
-from abi_train.models.vit import VisionTransformer
+from abi_train.models.vit import VisionTransformer, adapt_tower, tower_layer_id, tower_patterns
 
 MAX_LOGIT_SCALE = math.log(100.0)  # exp(logit_scale) is clamped to at most 100, as in CLIP
 
@@ -74,9 +80,16 @@ class CLIP(nn.Module):
         norm_eps: float = 1e-5,
         loss: str = "clip",
         act: str = "gelu",  # both towers' GELU: gelu | gelu_tanh | quick_gelu (OpenAI's CLIP weights)
+        lock_image: bool = False,  # the image tower and visual_projection get no gradients (LiT)
+        lock_text: bool = False,  # the text tower and text_projection get no gradients
         name: str = "clip",
     ) -> None:
         super().__init__()
+        if lock_image and lock_text:
+            raise UserError(
+                "model.lock_image and model.lock_text are both true: only the temperature would train; "
+                "unlock one tower (LiT locks the image tower alone)"
+            )
         if loss not in ("clip", "siglip"):
             raise UserError(f"loss={loss!r} is not known; valid: clip, siglip")
         if not 0 <= eot_id < vocab_size:
@@ -86,7 +99,7 @@ class CLIP(nn.Module):
             image_size=image_size, patch_size=patch_size, vision_width=vision_width,
             vision_layers=vision_layers, vision_heads=vision_heads, context_length=context_length,
             text_width=text_width, text_layers=text_layers, text_heads=text_heads, mlp_ratio=mlp_ratio,
-            norm_eps=norm_eps, loss=loss, act=act,
+            norm_eps=norm_eps, loss=loss, act=act, lock_image=lock_image, lock_text=lock_text,
         )  # fmt: skip
         self.eot_id = eot_id
         self.context_length = context_length
@@ -110,6 +123,11 @@ class CLIP(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
             self.logit_bias = None
         self._init_text()
+        groups = self.freeze_groups()
+        for name, p in self.named_parameters():
+            tower = "image" if lock_image else "text" if lock_text else None
+            if tower is not None and any(fnmatchcase(name, pattern) for pattern in groups[tower]):
+                p.requires_grad_(False)
 
     def _init_text(self) -> None:
         # As OpenAI CLIP: small token/position embeddings, projections scaled by 1/sqrt(width).
@@ -126,6 +144,30 @@ class CLIP(nn.Module):
                 nn.init.zeros_(b)
         nn.init.normal_(self.text_projection.weight, std=width**-0.5)
         nn.init.normal_(self.visual_projection.weight, std=self.config["vision_width"] ** -0.5)
+
+    def freeze_groups(self) -> dict[str, list[str]]:
+        """Named fnmatch patterns for ``trainer.freeze`` (and the towers ``lock_image`` / ``lock_text`` lock):
+        "image" = the vision tower + visual_projection, "text" = the text tower (token and position
+        embeddings included) + text_projection."""
+        return {
+            "image": [*tower_patterns(self.vision, "vision."), "visual_projection.*"],
+            "text": [*tower_patterns(self.text, "text."), "text_projection.*"],
+        }
+
+    def layer_id(self, name: str) -> tuple[int, int]:
+        """(layer, number of layers) for layer-wise lr decay, each tower on its own (models.vit.tower_layer_id);
+        the projections are their tower's top layer, the logit scale and bias train at the full lr."""
+        c = self.config
+        tower, _, rest = name.partition(".")
+        if tower == "vision":
+            return tower_layer_id(rest, c["vision_layers"])
+        if tower == "text":
+            return tower_layer_id(rest, c["text_layers"])
+        if tower == "visual_projection":
+            return c["vision_layers"] + 1, c["vision_layers"]
+        if tower == "text_projection":
+            return c["text_layers"] + 1, c["text_layers"]
+        return 1, 0  # logit_scale, logit_bias: decay ** 0
 
     def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         """Index of the first end-of-text token of each row (the last position if a row has none)."""
@@ -168,6 +210,18 @@ class CLIP(nn.Module):
         text_fwd = c["text_layers"] * (2 * per_layer * t + 4 * t * t * w)
         proj_fwd = 2 * c["embed_dim"] * (w + c["vision_width"])
         return self.vision.flops_per_item() + 3 * (text_fwd + proj_fwd)
+
+
+def adapt_state_dict(
+    state: dict[str, torch.Tensor], source: dict[str, Any], target: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The ``clip`` spec's ``adapt`` hook: the image tower's position embedding resampled to another image size
+    (models.vit.adapt_tower); nothing is left to a fresh init."""
+
+    def vision(c: dict[str, Any]) -> dict[str, Any]:
+        return {"image_size": c["image_size"], "patch_size": c["patch_size"], "pool": "cls"}
+
+    return adapt_tower(state, vision(source), vision(target), "vision."), set()
 
 
 def build_clip(**kwargs: Any) -> CLIP:

@@ -5,6 +5,11 @@
 
 Parameter names follow clip.cpp's ``v.*`` GGUF layout (patch_embd, class_embd, position_embd, pre_ln,
 blk.N, post_ln), so the exporter only renames ``blocks.N`` and splits the fused qkv.
+
+Transfer (``adapt_state_dict``, the ``vit`` spec's ``adapt`` hook): a source of another class count leaves
+the head to this model's fresh init; one of another image size has its position embedding resampled over
+the patch grid (``resample_position_embd``, bicubic, class token kept). ``layer_id`` serves layer-wise lr
+decay (optim.py), ``freeze_groups`` names the backbone for a linear probe (``trainer.freeze=[backbone]``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class VisionTransformer(nn.Module):
         drop_path: float = 0.0,  # stochastic depth of the last block; earlier blocks scale linearly from 0
         in_chans: int = 3,
         act: str = "gelu",  # the MLP's GELU: gelu (exact) | gelu_tanh | quick_gelu (OpenAI CLIP)
+        qkv_bias: bool = True,  # biases on q, k and v (HF ViTConfig.qkv_bias, timm's qkv_bias)
         name: str = "vit",  # free text, written into GGUF's general.name
     ) -> None:
         super().__init__()
@@ -69,6 +75,7 @@ class VisionTransformer(nn.Module):
             drop_path=drop_path,
             in_chans=in_chans,
             act=act,
+            qkv_bias=qkv_bias,
         )
         self.image_size, self.pool = image_size, pool
         self.num_patches = (image_size // patch_size) ** 2
@@ -87,6 +94,7 @@ class VisionTransformer(nn.Module):
                 norm_eps=norm_eps,
                 mlp=act,
                 bias=True,
+                qkv_bias=qkv_bias,
                 causal=False,
                 dropout=dropout,
                 drop_path=drop_path * i / max(depth - 1, 1),
@@ -107,7 +115,8 @@ class VisionTransformer(nn.Module):
             for weight in (*attn.qkv.weight.data.chunk(3), attn.proj.weight, mlp.fc.weight, mlp.proj.weight):
                 nn.init.xavier_uniform_(weight)
             for bias in (attn.qkv.bias, attn.proj.bias, mlp.fc.bias, mlp.proj.bias):
-                nn.init.zeros_(bias)
+                if bias is not None:
+                    nn.init.zeros_(bias)
         fan_in = self.patch_embd.weight[0].numel()
         nn.init.trunc_normal_(self.patch_embd.weight, std=fan_in**-0.5, a=-2 * fan_in**-0.5, b=2 * fan_in**-0.5)
         if self.patch_embd.bias is not None:
@@ -141,6 +150,15 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> (B, num_classes) logits (or (B, width) features when num_classes == 0)."""
         return self.head(self.forward_features(images))
 
+    def layer_id(self, name: str) -> tuple[int, int]:
+        """(layer, number of layers) of parameter ``name`` for layer-wise lr decay: see ``tower_layer_id``."""
+        return tower_layer_id(name, self.config["depth"])
+
+    def freeze_groups(self) -> dict[str, list[str]]:
+        """Named fnmatch patterns for ``trainer.freeze``: ``backbone`` is every parameter but the head's
+        (``trainer.freeze=[backbone]``: a linear probe)."""
+        return {"backbone": tower_patterns(self, exclude=("head",))}
+
     def flops_per_item(self) -> float:
         """Training FLOPs per image (the item of a ViT): 3x the forward (backward ~ 2x forward).
 
@@ -157,6 +175,77 @@ class VisionTransformer(nn.Module):
         forward = 2 * T * L * (4 * d * d + 2 * d * f) + 2 * P * c["in_chans"] * p * p * d
         forward += 2 * d * c["num_classes"] + 4 * T * T * d * L
         return 3.0 * forward
+
+
+# Layer 0 of a tower: a ViT's embeddings and pre-norm, a text tower's token and position embeddings.
+EMBEDDINGS = ("patch_embd", "class_embd", "position_embd", "pre_ln", "token_embd")
+
+
+def tower_layer_id(name: str, depth: int) -> tuple[int, int]:
+    """BEiT / timm layer ids of a tower's parameter (``name`` relative to the tower): the embeddings (and the
+    pre-norm, which acts on them) 0, ``blocks.i`` i + 1, the rest (final norm, head) depth + 1."""
+    first, _, rest = name.partition(".")
+    if first == "blocks":
+        return int(rest.split(".", 1)[0]) + 1, depth
+    return (0 if first in EMBEDDINGS else depth + 1), depth
+
+
+def tower_patterns(module: nn.Module, prefix: str = "", exclude: tuple[str, ...] = ()) -> list[str]:
+    """fnmatch patterns covering every parameter of ``module`` (names under ``prefix``), one per top-level
+    child or parameter, leaving out the children named in ``exclude``."""
+    patterns: list[str] = []
+    for name, _ in module.named_parameters():
+        first, dot, _ = name.partition(".")
+        pattern = f"{prefix}{first}.*" if dot else f"{prefix}{first}"
+        if first not in exclude and pattern not in patterns:
+            patterns.append(pattern)
+    return patterns
+
+
+def resample_position_embd(
+    pos: torch.Tensor, old_grid: int, new_grid: int, prefix_tokens: int, antialias: bool = True
+) -> torch.Tensor:
+    """(prefix + old_grid^2, D) -> (prefix + new_grid^2, D): the patch rows resampled bicubically over the 2-D
+    grid to the new size (align_corners off), the class token's row kept, as timm's ``resample_abs_pos_embed``
+    with its default ``antialias=True``, which we follow for training. HF's ``interpolate_pos_encoding`` is
+    the same with ``antialias=False``; the two differ in both directions, not only when shrinking: PyTorch's
+    antialiased bicubic uses PIL's kernel (a = -0.5) where the plain one uses a = -0.75."""
+    if old_grid == new_grid:
+        return pos
+    head, grid = pos[:prefix_tokens], pos[prefix_tokens:]
+    if grid.shape[0] != old_grid * old_grid:
+        raise ValueError(f"position embedding of {grid.shape[0]} patch rows is not a {old_grid}x{old_grid} grid")
+    dim = grid.shape[-1]
+    image = grid.float().reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=antialias)
+    grid = image.permute(0, 2, 3, 1).reshape(new_grid * new_grid, dim).to(pos.dtype)
+    return torch.cat([head, grid])
+
+
+def adapt_tower(
+    state: dict[str, torch.Tensor], source: dict[str, Any], target: dict[str, Any], prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """One ViT's weights (under ``prefix``) from a ``source`` config to ``target``'s image size: the position
+    embedding resampled (same patch size; another one stays a shape mismatch, named by the weights check)."""
+    old, new, patch = source["image_size"], target["image_size"], target["patch_size"]
+    if old == new or source["patch_size"] != patch:
+        return state
+    key = f"{prefix}position_embd"
+    prefix_tokens = int(source.get("pool", "cls") == "cls")
+    return {**state, key: resample_position_embd(state[key], old // patch, new // patch, prefix_tokens)}
+
+
+def adapt_state_dict(
+    state: dict[str, torch.Tensor], source: dict[str, Any], target: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The ``vit`` spec's ``adapt`` hook: a pretrained ViT's weights for a model of another image size and/or
+    class count. Returns the state and the parameter names the model keeps from its own init (a new head,
+    zero-initialised as every fresh ViT head; the ViT task says so in one line)."""
+    state = adapt_tower(state, source, target)
+    if (source.get("num_classes") or 0) == (target.get("num_classes") or 0):
+        return state, set()
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return state, ({"head.weight", "head.bias"} if target.get("num_classes") else set())
 
 
 def build_vit(**kwargs: Any) -> VisionTransformer:

@@ -99,11 +99,12 @@ class ViTTask(Task):
     unit: ClassVar[str] = "images"
 
     def setup(self, artifact_dir: Path | None) -> None:
-        """With init_from (``self.pretrained``) the source decides what the weights were trained for: its
-        image size (a different data.image_size is an error: position-embedding interpolation is not done),
-        its normalisation (the source's image_mean/image_std win over data.mean/data.std; a source that does
-        not say, e.g. an HF folder without preprocessor_config.json, keeps the data's) and its head (the data
-        must have as many classes). The data's class names are the ones stored with the run."""
+        """With init_from (``self.pretrained``) the source gives the image size unless data.image_size asks for
+        another (then its position embedding is resampled: models.vit.adapt_state_dict) and its normalisation
+        (the source's image_mean/image_std win over data.mean/data.std; a source that does not say, e.g. an HF
+        folder without preprocessor_config.json, keeps the data's). Data with another class count than the
+        source's head (or a source without one) gets a fresh head. Each change is one line on stderr. The
+        data's class names are the ones stored with the run."""
         d, seed = self.cfg.data, int(self.cfg.trainer.seed)
         source = self.pretrained.model_config if self.pretrained is not None else None
         arch = source["arch"] if source is not None else self.cfg.model.get("arch")
@@ -114,13 +115,23 @@ class ViTTask(Task):
             )
         data = data_source(d, self.family)  # before any data.KEY: a wrong group is one line, not a missing key
         self.image_size = d.get("image_size") or self.cfg.model.get("image_size")
+        self.notes: list[str] = []  # what init_from's weights are adapted to, said once at setup
         if source is not None:
-            if d.get("image_size") and int(d.image_size) != source["image_size"]:
+            old, patch = source["image_size"], source["patch_size"]
+            explicit = self.cfg.model.get("image_size") if "image_size" in self.model_overrides else None
+            self.image_size = int(d.get("image_size") or explicit or old)
+            if self.image_size <= 0 or self.image_size % patch:  # (without init_from the model says it)
+                near = patch * max(1, round(self.image_size / patch))
                 raise UserError(
-                    f"data.image_size={d.image_size} differs from the {source['image_size']} px of init_from="
-                    f"{self.pretrained.path}; drop data.image_size (resizing position embeddings is not supported)"
+                    f"data.image_size={self.image_size} is not a multiple of the patch size {patch} of init_from="
+                    f"{self.pretrained.path}; valid: a multiple of {patch}, e.g. {near}"
                 )
-            self.image_size = source["image_size"]
+            if self.image_size != old:
+                g, h = old // patch, self.image_size // patch
+                self.notes.append(
+                    f"position embedding resampled: {old} -> {self.image_size} px ({g}x{g} -> {h}x{h} patches, "
+                    "bicubic, class token kept)"
+                )
         if not self.image_size:
             raise UserError("no image size: set data.image_size or model.image_size")
         images = data.open(d, image_size=self.image_size)
@@ -134,10 +145,8 @@ class ViTTask(Task):
         if source is not None:
             n, head = len(self.class_names), source.get("num_classes") or 0
             if head != n:
-                raise UserError(
-                    f"init_from={self.pretrained.path} has a {head}-class head but the data has {n} classes; "
-                    "a fresh head for new classes comes with the fine-tuning work"
-                )
+                has = f"has {head}" if head else "has no head"
+                self.notes.append(f"new classifier head: {n} classes (init_from {has})")
             info = self.pretrained.metadata
             if info.get("image_mean") and info.get("image_std"):
                 self.mean, self.std = tuple(info["image_mean"]), tuple(info["image_std"])
@@ -150,12 +159,17 @@ class ViTTask(Task):
         self.collate = TrainCollate(len(self.class_names), a.mixup, a.cutmix, self.label_smoothing, seed)
         self.skipped = 0  # unreadable training images since this process started
         self.val_skipped = 0  # unreadable images in the last validation pass
+        if self.dist.is_main and artifact_dir is None:  # a resumed run's weights are already adapted
+            for note in self.notes:
+                print(note, file=sys.stderr, flush=True)
 
     def model_config(self) -> dict[str, Any]:
         config = self.model_options("vit")
         n = len(self.class_names)
-        if config.get("num_classes") is None:
-            config["num_classes"] = n
+        if config.get("num_classes") is None or (
+            self.pretrained is not None and "num_classes" not in self.model_overrides
+        ):
+            config["num_classes"] = n  # the data's: with init_from, a new head when the source's differs
         elif config["num_classes"] != n:
             raise UserError(
                 f"model.num_classes={config['num_classes']} but the data has {n} classes; set model.num_classes=null"
