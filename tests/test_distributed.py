@@ -112,6 +112,7 @@ def runs(tmp_path_factory, cache_dir) -> dict:
     ddp_levers     ddp with the non-default trainer.ddp values (no bucket views, static graph, tiny buckets)
     fsdp_zero2     fsdp with trainer.fsdp.reshard_after_forward=false (ZeRO-2 style)
     fsdp_prefetch  fsdp with explicit prefetching (trainer.fsdp.prefetch=2, more than the blocks there are)
+    lora_*         adapter=lora on one's weights: 1 process, DDP and FSDP2 (its merged GGUF at the end)
     then fsdp's step 3 resumed by 2 DDP processes (fsdp_to_ddp) and by one process (fsdp_to_one).
     """
     root = tmp_path_factory.mktemp("dist")
@@ -121,6 +122,8 @@ def runs(tmp_path_factory, cache_dir) -> dict:
     train_here(root / "one", [*common, *export])  # also fills the tokenizer cache the torchrun jobs read
     (root / "ddp_cwd").mkdir()
     one_to_fsdp = resumable_copy(root / "one", 3, root / "one_to_fsdp")
+    lora = [*common, f"init_from={root / 'one'}", "adapter=lora", "adapter.rank=4", "optim.lr=1e-2"]
+    train_here(root / "lora_one", lora)
     jobs = {
         "ddp": torchrun([*common, *TWO_PROCS_ACCUMULATING, "trainer.parallel=ddp"], root / "ddp_cwd"),
         "fsdp": torchrun([*common, *TWO_PROCS_ACCUMULATING, "trainer.parallel=fsdp", *export,
@@ -130,9 +133,13 @@ def runs(tmp_path_factory, cache_dir) -> dict:
                                f"hydra.run.dir={root / 'bad'}"], root),
         **{name: torchrun([*common, *levers, f"hydra.run.dir={root / name}"], root)
            for name, levers in LEVER_RUNS.items()},
+        "lora_ddp": torchrun([*lora, *TWO_PROCS_ACCUMULATING, "trainer.parallel=ddp",
+                              f"hydra.run.dir={root / 'lora_ddp'}"], root),
+        "lora_fsdp": torchrun([*lora, *TWO_PROCS_ACCUMULATING, "trainer.parallel=fsdp", *export,
+                               "export.adapter=false", f"hydra.run.dir={root / 'lora_fsdp'}"], root),
     }  # fmt: skip
     done = {name: finish(proc) for name, proc in jobs.items()}
-    for name in ("ddp", "fsdp", "one_to_fsdp", *LEVER_RUNS):
+    for name in ("ddp", "fsdp", "one_to_fsdp", *LEVER_RUNS, "lora_ddp", "lora_fsdp"):
         assert done[name].returncode == 0, f"{name}: {done[name].stderr[-3000:]}"
     fsdp_to_ddp = resumable_copy(root / "fsdp", 3, root / "fsdp_to_ddp")
     job = torchrun([*resume, "trainer.parallel=ddp", f"hydra.run.dir={fsdp_to_ddp}"], root)
@@ -148,7 +155,7 @@ def runs(tmp_path_factory, cache_dir) -> dict:
         "resumed": [one_to_fsdp, fsdp_to_ddp, fsdp_to_one],
         "bad_batch": done["bad_batch"],
         "bad_dir": root / "bad",
-        **{name: root / name for name in LEVER_RUNS},
+        **{name: root / name for name in (*LEVER_RUNS, "lora_one", "lora_ddp", "lora_fsdp")},
     }
 
 
@@ -160,6 +167,25 @@ def test_ddp_and_fsdp_match_one_process(runs):
         for key, rtol in (("train/loss", 1e-5), ("train/grad_norm", 1e-4)):
             torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in one]),
                                        rtol=rtol, atol=0, msg=f"{mode} {key}")  # fmt: skip
+
+
+def test_lora_under_ddp_and_fsdp_matches_one_process(runs):
+    """The adapter trains to the same numbers and the same adapter file under DDP and FSDP2; FSDP2's merged
+    GGUF (gathered, rebuilt with its LoRA layers, merged) exists."""
+    one = read_metrics(runs["lora_one"])
+    want = ckpt.read_state_dict(ckpt.latest_checkpoint(runs["lora_one"]) / ckpt.ADAPTER)
+    for mode in ("lora_ddp", "lora_fsdp"):
+        got = read_metrics(runs[mode])
+        train = [r for r in got if "train/loss" in r]
+        assert [r["step"] for r in train] == list(range(1, STEPS + 1)), mode
+        torch.testing.assert_close(torch.tensor([r["train/loss"] for r in train]),
+                                   torch.tensor([r["train/loss"] for r in one if "train/loss" in r]),
+                                   rtol=1e-5, atol=0, msg=mode)  # fmt: skip
+        adapter = ckpt.read_state_dict(ckpt.latest_checkpoint(runs[mode]) / ckpt.ADAPTER)
+        assert adapter.keys() == want.keys(), mode
+        for name, tensor in want.items():
+            torch.testing.assert_close(adapter[name], tensor, rtol=1e-4, atol=1e-6, msg=f"{mode} {name}")
+    assert (runs["lora_fsdp"] / "model.gguf").is_file()
 
 
 def test_ddp_and_fsdp_levers_keep_the_numbers(runs):
