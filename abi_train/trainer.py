@@ -606,9 +606,15 @@ class Trainer:
                 )
                 self.progress.message(f"exported {out}")
                 if self.adapter is not None and cfg.export.get("adapter"):
-                    from abi_train.export.gguf_lora import export_gguf_lora
+                    from abi_train.export.gguf_lora import export_gguf_lora, unexportable
 
-                    self.progress.message(f"exported {export_gguf_lora(whole, meta, self.run_dir / 'adapter.gguf')}")
+                    reason = unexportable(whole, meta)  # e.g. a ViT: llama.cpp adapters are for LLMs
+                    if reason:
+                        self.progress.message(f"adapter.gguf not written: {reason}")
+                    else:
+                        self.progress.message(
+                            f"exported {export_gguf_lora(whole, meta, self.run_dir / 'adapter.gguf')}"
+                        )
         self.logger.close()
 
     @torch.no_grad()
