@@ -345,6 +345,19 @@ def test_generate_on_a_gguf_file_with_chat(tmp_path, tok_path, monkeypatch, caps
     monkeypatch.setattr("sys.argv", ["x", str(path), "--prompt", "Hi", "--max-new-tokens", "3", "--device", "cpu"])
     generate.main()
     assert capsys.readouterr().out.startswith("Hi")
+
+    # --chat without --prompt: a conversation; the second turn's prompt holds the first exchange
+    turns = iter(["Hello", "", "Again"])
+    prompts: list[list[int]] = []
+    real_chat_ids = generate.chat_ids
+    monkeypatch.setattr(generate, "chat_ids", lambda t, m: prompts.append(real_chat_ids(t, m)) or prompts[-1])
+    messages = generate.chat_session(str(path), lambda: next(turns, None), chunks.append, 12, 0.0, None)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[1]["content"] == answer  # greedy: the same first answer as above
+    first_exchange = base.decode(prompts[0]) + answer + "<|im_end|>\n"
+    assert base.decode(prompts[1]).startswith(first_exchange) and base.decode(prompts[1]).endswith(
+        "<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n"
+    )
     plain = gguf_with_tokenizer(tmp_path, Tokenizer.load(tok_path), "plain.gguf")
     for argv, msg in [
         ([str(plain), "--chat", "--prompt", "x"], "--chat needs a chat template"),
