@@ -209,3 +209,45 @@ def test_adapter_cli_refusals(tmp_path, cache_dir, base_run):
         r = run_abi([*common, *extra, f"hydra.run.dir={run}"])
         assert r.returncode == 2 and r.stderr.startswith(message), r.stderr[-2000:]
         assert len(r.stderr.strip().splitlines()) == 1 and not run.exists()
+
+
+VISION = {
+    "vit": ["recipe=vit", "data.num_train=128", "data.num_val=32", "trainer.batch_size=16", "trainer.num_workers=0"],
+    "clip": ["recipe=clip", "data.num_train=64", "data.num_val=32", "data.num_zero_shot=96", "trainer.batch_size=16"],
+}
+QUIET = ["trainer.log_every=1", "trainer.eval_every=0", "trainer.progress=false", "optim.warmup_steps=1"]
+
+
+@pytest.mark.parametrize("family", ["vit", "clip"])
+def test_lora_on_vision_models_in_bf16(tmp_path, family):
+    """The same adapter on a ViT (with its head trained in full: adapter.also_train) and on both CLIP towers,
+    under bf16 autocast: only the adapter (and the head) change; export=gguf writes the merged model and says
+    in one line why there is no llama.cpp adapter."""
+    common = [*VISION[family], *QUIET]
+    base = tmp_path / "base"
+    r = run_abi([*common, "trainer.max_steps=2", "trainer.ckpt_every=2", f"hydra.run.dir={base}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    also = ["adapter.also_train=[head.*]"] if family == "vit" else []
+    run = tmp_path / "lora"
+    args = [*common, f"init_from={base}", "adapter=lora", "adapter.rank=2", *also, "trainer.precision=bf16"]
+    r = run_abi([*args, "trainer.max_steps=2", "trainer.ckpt_every=2", "export=gguf", f"hydra.run.dir={run}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "adapter.gguf not written: llama.cpp LoRA adapters are for LLMs" in r.stderr
+    assert (run / "model.gguf").is_file() and not (run / "adapter.gguf").exists()
+    before = ckpt.read_state_dict(ckpt.latest_checkpoint(base) / "model.safetensors")
+    model, _ = ckpt.load_model(run)
+    trained = {n for n, p in model.named_parameters() if ".lora_" in n or (family == "vit" and n.startswith("head."))}
+    towers = {n.split(".")[0] for n in trained if ".lora_" in n}
+    assert towers == ({"blocks"} if family == "vit" else {"vision", "text"})
+    state = model.state_dict()
+    for name, tensor in before.items():
+        assert torch.equal(state[name], tensor) != name.startswith("head."), name  # the head alone moved
+
+
+def test_lora_compiles(tmp_path, cache_dir, base_run):
+    """torch.compile over the LoRA layers: the same losses as eager."""
+    eager = lora_run(tmp_path, cache_dir, base_run, ["trainer.max_steps=2"], "eager")
+    compiled = lora_run(tmp_path, cache_dir, base_run, ["trainer.max_steps=2", "trainer.compile=true"], "compiled")
+    want, got = losses(eager.run_dir), losses(compiled.run_dir)
+    assert sorted(got) == [1, 2]
+    torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())), rtol=1e-4, atol=0)
