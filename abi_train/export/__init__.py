@@ -4,17 +4,15 @@ see gguf_common for the module shape), so a checkpoint exports the same way what
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gguf import GGUFWriter
 from torch import nn
 
 from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
 from abi_train.errors import UserError
-from abi_train.export.gguf_common import add_general, add_tensors, check_outtype
+from abi_train.export.gguf_common import add_general, add_tensors, check_outtype, gguf_file
 from abi_train.lora import merged
 from abi_train.models import model_spec
 
@@ -42,31 +40,15 @@ def export_gguf(
     outtype = check_outtype(outtype)
     model = merged(model)  # a LoRA model exports as its base with the adapter merged in
     fam = gguf_adapter(model.config)
-    out = Path(out_path)
-    if not out.parent.is_dir():
-        raise UserError(f"output directory does not exist: {out.parent}")
-    if out.is_dir():
-        raise UserError(f"output path is a directory: {out}")
     if fam.NEEDS_TOKENIZER and (tokenizer_path is None or not Path(tokenizer_path).is_file()):
         raise UserError(f"{meta['family']} GGUF export needs a tokenizer.json; not found: {tokenizer_path}")
     # abi_train.arch is the model's own arch, also when the caller's meta (not a checkpoint's) lacks model_config.
     meta = {**meta, "model_config": meta.get("model_config") or model.config}
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(tmp, fam.architecture(model))
-    try:
+    with gguf_file(out_path, fam.architecture(model)) as writer:
         add_general(writer, model.config.get("name") or meta["family"], meta, outtype)
         fam.add_metadata(writer, model, meta, Path(tokenizer_path) if tokenizer_path else None)
         add_tensors(writer, fam.to_gguf(model), outtype, fam.KEEP_F32, getattr(fam, "KEEP_F16", ()))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return Path(out_path)
 
 
 def export_checkpoint(path: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:

@@ -23,9 +23,11 @@ name map and hyperparameters:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,3 +337,27 @@ def _sentencepiece_from_gguf(kv: dict[str, Any], source: str) -> Tokenizer:
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in typed if ty in special])
     hf.add_tokens([AddedToken(t, normalized=False) for t, ty in typed if ty == TokenType.USER_DEFINED])
     return _with_specials(hf, kv, tokens, source, add_bos_default=True, pre=None)
+
+
+@contextlib.contextmanager
+def gguf_file(out_path: str | Path, arch: str) -> Iterator[GGUFWriter]:
+    """A GGUFWriter for ``out_path`` whose file appears only complete: the block adds keys and tensors, then it is
+    written to ``<out>.tmp-<pid>`` beside it and renamed; an error removes the temp file."""
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        raise UserError(f"output directory does not exist: {out.parent}")
+    if out.is_dir():
+        raise UserError(f"output path is a directory: {out}")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(tmp, arch)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise

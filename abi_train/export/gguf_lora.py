@@ -18,17 +18,16 @@ llama-cpp-python's ``lora_path``): ``general.type = adapter``, ``adapter.type = 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFType, GGUFWriter, Keys
+from gguf import GGUFType, Keys
 from torch import nn
 
 from abi_train.errors import UserError
-from abi_train.export.gguf_common import add_general
+from abi_train.export.gguf_common import add_general, gguf_file
 from abi_train.export.gguf_llm import BLOCK, ROTARY, permute
 from abi_train.lora import LoRALinear, lora_layers
 
@@ -106,18 +105,11 @@ def export_gguf_lora(model: nn.Module, meta: dict[str, Any], out_path: str | Pat
     layers = list(lora_layers(model))
     if not layers:
         raise UserError("the model has no LoRA layers (it was trained without adapter=lora); export the model itself")
-    out = Path(out_path)
-    if not out.parent.is_dir():
-        raise UserError(f"output directory does not exist: {out.parent}")
-    if out.is_dir():
-        raise UserError(f"output path is a directory: {out}")
     tensors = lora_tensors(model)
     _, first = layers[0]
     alpha = first.scale * first.rank  # every layer of a run has the same scale and rank
     meta = {**meta, "model_config": meta.get("model_config") or model.config}
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(tmp, model.cfg.style)
-    try:
+    with gguf_file(out_path, model.cfg.style) as writer:
         writer.add_type(GGUFType.ADAPTER)
         writer.add_string(Keys.Adapter.TYPE, "lora")
         writer.add_float32(Keys.Adapter.LORA_ALPHA, float(alpha))
@@ -130,16 +122,7 @@ def export_gguf_lora(model: nn.Module, meta: dict[str, Any], out_path: str | Pat
         for name, (a, b) in tensors.items():
             writer.add_tensor(f"{name}.lora_a", a.contiguous().numpy().astype(dtype))
             writer.add_tensor(f"{name}.lora_b", b.contiguous().numpy().astype(dtype))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return Path(out_path)
 
 
 def export_checkpoint_lora(path: str | Path, out_path: str | Path, outtype: str = "f32") -> Path:

@@ -24,10 +24,12 @@ beside the target, then renames it into place. ``export_hf`` does that for a che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -262,8 +264,10 @@ def check_output_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def write_hf_folder(export: HFExport, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write ``export`` as a model folder at ``out_dir`` (new or empty): all of it appears at once."""
+@contextlib.contextmanager
+def new_folder(out_dir: str | Path) -> Iterator[Path]:
+    """A temp folder beside ``out_dir`` (which must be new or empty) for the block to write into; renamed to
+    ``out_dir`` when the block ends, so the folder appears whole; an error removes it."""
     out = check_output_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -271,6 +275,18 @@ def write_hf_folder(export: HFExport, out_dir: str | Path, max_shard_bytes: int 
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename needs the name free
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_hf_folder(export: HFExport, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write ``export`` as a model folder at ``out_dir`` (new or empty): all of it appears at once."""
+    with new_folder(out_dir) as tmp:
         # safetensors refuses tensors sharing memory (tied weights): each is stored as its own copy.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in export.tensors.items()}
         shards = _shards(tensors, max_shard_bytes)
@@ -289,13 +305,7 @@ def write_hf_folder(export: HFExport, out_dir: str | Path, max_shard_bytes: int 
             (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if export.tokenizer is not None:
             export.tokenizer.save(tmp / "tokenizer.json")
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename needs the name free
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser()
 
 
 def export_hf(checkpoint_path: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:

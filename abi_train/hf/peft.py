@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from torch import nn
 
 from abi_train.errors import UserError
 from abi_train.export.gguf_lora import also_trained, require_adapter
-from abi_train.hf import check_output_dir
+from abi_train.hf import check_output_dir, new_folder
 from abi_train.hf.llm import GPT2_BLOCK, GPT2_TOP, LLAMA_BLOCK, LLAMA_TOP, to_hf
 from abi_train.lora import lora_layers, merged
 
@@ -219,20 +217,9 @@ def write_peft_folder(model: nn.Module, meta: dict[str, Any], out_dir: str | Pat
             base,
             CONFIG_FILE,
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with new_folder(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename needs the name free
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
