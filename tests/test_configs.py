@@ -65,7 +65,7 @@ def groups() -> list[str]:
 
 def test_every_group_is_walked():
     assert {"model", "optim", "data", "trainer", "logger", "export", "recipe"} <= set(groups())
-    assert set(options("recipe")) == {"llm", "vit", "clip"}
+    assert set(options("recipe")) == {"llm", "vit", "clip", "sft"}
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,12 @@ def test_data_option_runs_a_step(tmp_path, data_files, data):
     [(g, o) for g in groups() if g not in ("model", "data", "recipe") for o in options(g)],
 )
 def test_other_options_run_a_step(tmp_path, data_files, group, option):
-    run_one_step(tmp_path, [*recipe_overrides("llm", "text", data_files), "model=tiny", f"{group}={option}"])
+    common = [*recipe_overrides("llm", "text", data_files), "model=tiny"]
+    base = []
+    if group == "adapter" and option != "none":  # an adapter adapts a pretrained model: a one-step run's
+        run_one_step(tmp_path / "base", common)
+        base = [f"init_from={tmp_path / 'base' / 'run'}"]
+    run_one_step(tmp_path, [*common, *base, f"{group}={option}"])
 
 
 @pytest.mark.parametrize("recipe", options("recipe"))
