@@ -219,7 +219,8 @@ def fingerprint(path: str | Path) -> str:
 
 def base_identity(pretrained: Pretrained) -> dict[str, str]:
     """What an adapter checkpoint records of its base: where it was read and its content hash."""
-    return {"init_from": str(pretrained.path), "sha256": fingerprint(pretrained.path)}
+    # Absolute: the adapter is exported or resumed later, maybe from another working directory.
+    return {"init_from": str(Path(pretrained.path).resolve()), "sha256": fingerprint(pretrained.path)}
 
 
 def check_base(pretrained: Pretrained, base: dict[str, str], origin: str) -> None:
