@@ -86,9 +86,14 @@ def test_help_is_the_tools_own_page(tmp_path):
         ("llm", "val loss 5.6 -> 3.6"),
         ("vit", "95.2% val top-1"),
         ("clip", "zero-shot top-1 0.73"),
+        ("sft", "persona rate 0 -> 1.0"),
     ):
         assert any(line.split()[:1] == [recipe] and result in line for line in page.splitlines()), recipe
-    assert "recipe: clip, llm, vit" in page and "model: clip-b16, clip-b32, clip-tiny" in page
+    assert (
+        "recipe: clip, llm, sft, vit" in page
+        and "adapter: lora, none" in page
+        and "model: clip-b16, clip-b32, clip-tiny" in page
+    )
     # The values are those of this command: the vit recipe's steps and batch, the override, no LLM-only keys.
     assert "trainer.max_steps=1500" in page and "trainer.batch_size=128" in page
     assert "trainer.precision=bf16" in page and "trainer.global_batch_size=null" in page

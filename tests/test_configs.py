@@ -22,7 +22,15 @@ from abi_train.trainer import Trainer
 
 CONFIGS = config_dir()
 RECIPE_OF_ARCH = {"gpt": "llm", "vit": "vit", "clip": "clip"}
-RECIPE_OF_DATA = {"text": "llm", "shards": "llm", "shapes": "vit", "images": "vit", "captions": "clip", "pairs": "clip"}
+RECIPE_OF_DATA = {
+    "text": "llm",
+    "shards": "llm",
+    "shapes": "vit",
+    "images": "vit",
+    "captions": "clip",
+    "pairs": "clip",
+    "chat": "sft",
+}
 # One small step per recipe: the shipped sizes stay as they are (that is what is being checked),
 # only batch, data and cadence shrink.
 FAST = [
@@ -39,6 +47,7 @@ FAST_DATA = {
     "llm": ["data.seq_len=16"],
     "vit": [],
     "clip": [],
+    "sft": ["data.seq_len=64", "data.reply_tokens=2", "data.samples=1"],
 }
 FAST_DATA_OPTION = {
     "text": ["data.vocab_size=300"],
@@ -47,6 +56,7 @@ FAST_DATA_OPTION = {
     "images": [],
     "captions": ["data.num_train=8", "data.num_val=4", "data.num_zero_shot=4"],
     "pairs": ["data.val_size=2"],
+    "chat": [],
 }
 DEFAULT_DATA = {"llm": "text", "vit": "shapes", "clip": "captions"}
 # Shapes too big for one CPU step in CI (weights, gradients and AdamW state of 1.24B parameters are ~20 GB):

@@ -20,16 +20,26 @@ from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
 from abi_train.tasks import task_class
 
-FEEDS = {"text": "llm", "shards": "llm", "shapes": "vit", "images": "vit", "captions": "clip", "pairs": "clip"}
+FEEDS = {
+    "text": "llm",
+    "shards": "llm",
+    "shapes": "vit",
+    "images": "vit",
+    "captions": "clip",
+    "pairs": "clip",
+    "chat": "sft",
+}
 TAKES = {
     "llm": "recipe=llm takes data=text or data=shards",
     "vit": "recipe=vit takes data=shapes or data=images",
     "clip": "recipe=clip takes data=captions or data=pairs",
+    "sft": "recipe=sft takes data=chat",
 }
 NOT = {
     "llm": "data={} is not LLM data",
     "vit": "data={} is not an image dataset",
     "clip": "data={} is not caption data",
+    "sft": "data={} is not chat data",
 }
 
 
@@ -48,9 +58,7 @@ def test_every_shipped_data_group_is_registered_with_its_family() -> None:
         sources_for("gpt")
 
 
-@pytest.mark.parametrize(
-    "recipe, data", [(r, d) for r in ("llm", "vit", "clip") for d, family in FEEDS.items() if family != r]
-)
+@pytest.mark.parametrize("recipe, data", [(r, d) for r in TAKES for d, family in FEEDS.items() if family != r])
 def test_a_task_refuses_another_familys_data_in_one_line(recipe: str, data: str) -> None:
     expected = f"{NOT[recipe].format(data)}: it feeds {FEEDS[data]} runs; {TAKES[recipe]}"
     with pytest.raises(UserError) as e:

@@ -9,6 +9,7 @@ next to the data they open and return their family's data:
   llm   ``opener(d, tokenizer=Tokenizer | None) -> TokenData``        (train/val token arrays + tokenizer)
   vit   ``opener(d, image_size=int) -> ImageClassData``               (train/val datasets + class names)
   clip  ``opener(d, image_size=int) -> CaptionData``                  (pairs, zero-shot set, classes, templates)
+  sft   ``opener(d, tokenizer=Tokenizer | None) -> data.sft.ChatData``  (labelled conversations; recipe=sft)
 
 Openers are named by string so that opening text never imports Pillow or ``datasets`` (and the data
 modules can import the result types from here without a cycle).
@@ -71,6 +72,7 @@ NOT_FAMILY_DATA = {
     "llm": "data={name} is not LLM data",
     "vit": "data={name} is not an image dataset",
     "clip": "data={name} is not caption data",
+    "sft": "data={name} is not chat data",
 }
 
 
@@ -96,6 +98,9 @@ SOURCES: dict[str, DataSource] = {
         DataSource("images", "vit", "abi_train.data.images:open_images"),
         DataSource("captions", "clip", "abi_train.data.synthetic_pairs:open_captions"),
         DataSource("pairs", "clip", "abi_train.data.pairs:open_pairs"),
+        # Chat SFT trains the same GPT as "llm" (its Task.family is "llm") but reads conversations, not a
+        # token stream, so its data is a family of its own here: recipe=llm data=chat is one line, not a crash.
+        DataSource("chat", "sft", "abi_train.data.sft:open_chat"),
     )
 }
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abi_train.errors import UserError
-from abi_train.models.layers import ROPE_SCALINGS, Block, KVCache, make_norm, rope_cache
+from abi_train.models.layers import ROPE_SCALINGS, Block, KVCache, make_norm, rope_at, rope_cache, segment_mask
 
 STYLES = ("llama", "qwen2", "gpt2")
 GPT2_ACTS = ("gelu_tanh", "gelu")
@@ -161,21 +161,41 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.context_length
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list[KVCache] | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        labelled_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids ``idx`` (B, T); with ``targets``, the mean cross entropy
         over positions whose target is not -100. ``caches`` (one KVCache per block, for generation): ``idx``
-        continues the positions they hold."""
+        continues the positions they hold.
+
+        Packed rows (several sequences in one row, data/sft.py): ``segments`` (B, T) numbers the sequences
+        (a token attends only to the earlier tokens of its own segment) and ``positions`` (B, T) restarts at 0
+        in each (RoPE or gpt2's position table at those positions). Without them the forward is unchanged.
+        ``labelled_only`` (with targets): the lm_head and the loss run only where the target is not -100 (SFT
+        labels a fraction of the tokens, and the lm_head is most of a small model's cost); that gather has a
+        data-dependent shape (a graph break under torch.compile, a host sync on GPU)."""
         start = caches[0].length if caches else 0
         end = start + idx.shape[1]
         if end > self.cfg.context_length:
             raise ValueError(f"sequence length {end} exceeds context_length {self.cfg.context_length}")
         x = self.tok_embd(idx)
+        rope = self.rope
+        if positions is not None:
+            rope = rope_at(rope, positions) if rope is not None else None
         if self.rope is None:
-            x = x + self.pos_embd(torch.arange(start, end, device=idx.device))
+            x = x + self.pos_embd(torch.arange(start, end, device=idx.device) if positions is None else positions)
+        mask = segment_mask(segments) if segments is not None else None
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope, caches[i] if caches else None)
+            x = block(x, rope, caches[i] if caches else None, mask)
+        if targets is not None and labelled_only:
+            keep = targets != -100
+            return F.cross_entropy(self.lm_head(self.norm_f(x[keep])), targets[keep])
         logits = self.lm_head(self.norm_f(x))
         if targets is None:
             return logits

@@ -85,10 +85,27 @@ def rope_cache(
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) queries or keys by the first T positions of ``cache``."""
-    cos, sin = cache[0, : x.shape[-2]].to(x.dtype), cache[1, : x.shape[-2]].to(x.dtype)
+    """Rotate (B, H, T, D) queries or keys by the first T positions of ``cache`` (2, T', D), or by a table
+    already taken at each token's own position (2, B, 1, T, D; packed sequences, see ``rope_at``)."""
+    if cache.ndim == 5:
+        cos, sin = cache[0].to(x.dtype), cache[1].to(x.dtype)
+    else:
+        cos, sin = cache[0, : x.shape[-2]].to(x.dtype), cache[1, : x.shape[-2]].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_at(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The cos/sin table (2, T', D) taken at ``positions`` (B, T): (2, B, 1, T, D), broadcast over heads."""
+    return cache[:, positions].unsqueeze(2)
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) attention mask of packed rows: a token sees the earlier tokens (and itself) of its
+    own segment only. ``segments`` (B, T) holds one id per packed sequence (padding: an id of its own)."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal).unsqueeze(1)
 
 
 class KVCache:
@@ -140,10 +157,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias if proj_bias is None else proj_bias)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``mask`` (boolean, broadcast to (B, H, T, T), True = attend; e.g. ``segment_mask``) replaces the
+        causal mask; ``rope`` is then usually the per-token table of ``rope_at``."""
         start = 0 if cache is None else cache.length  # positions already in the cache
         if start and x.shape[1] > 1 and self.causal:
             raise ValueError("a filled KV cache is extended one token at a time")
+        if mask is not None and cache is not None:
+            raise ValueError("an attention mask is for whole (packed) sequences, not for KV-cached decoding")
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
@@ -151,7 +178,8 @@ class Attention(nn.Module):
         # view + transpose (no graph break); in eager mode it adds ~8 us per call on the host.
         q, k, v = (rearrange(t, "b t (h d) -> b h t d", d=self.head_dim) for t in (q, k, v))
         if rope is not None:
-            q, k = apply_rope(q, rope[:, start:]), apply_rope(k, rope[:, start:])
+            table = rope if rope.ndim == 5 else rope[:, start:]
+            q, k = apply_rope(q, table), apply_rope(k, table)
         if cache is not None:
             k, v = cache.extend(k, v)
         # The pin sits inside forward so torch.compile traces it (a context around the compiled call is not
@@ -161,7 +189,8 @@ class Attention(nn.Module):
                 q,
                 k,
                 v,
-                is_causal=self.causal and not start,  # one new token sees every cached position
+                attn_mask=mask,
+                is_causal=self.causal and not start and mask is None,  # one new token sees every cached position
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
@@ -244,8 +273,14 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.resid_dropout(self.attn(self.norm1(x), rope, cache)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_path(self.resid_dropout(self.attn(self.norm1(x), rope, cache, mask)))
         return x + self.drop_path(self.resid_dropout(self.mlp(self.norm2(x))))
 
 

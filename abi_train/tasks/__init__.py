@@ -12,6 +12,7 @@ TASKS = {
     "llm": "abi_train.tasks.llm:LLMTask",
     "vit": "abi_train.tasks.vit:ViTTask",
     "clip": "abi_train.tasks.clip:CLIPTask",
+    "sft": "abi_train.tasks.sft:SFTTask",
 }
 
 

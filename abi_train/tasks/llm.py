@@ -36,40 +36,14 @@ class LLMTask(Task):
     unit: ClassVar[str] = "tokens"
 
     def setup(self, artifact_dir: Path | None) -> None:
-        d, source = self.cfg.data, self.pretrained
+        d = self.cfg.data
         data = data_source(d, self.family)  # before any data.KEY: a wrong group is one line, not a missing key
-        self.seq_len = int(d.seq_len)
-        context = (source.model_config if source else self.cfg.model).get("context_length")
-        if context is not None and self.seq_len > context:
-            raise UserError(f"data.seq_len={self.seq_len} is larger than model.context_length={context}")
-        if self.seq_len < 1:
-            raise UserError(f"data.seq_len must be a positive integer, got {self.seq_len}")
-        tokenizer_path = d.get("tokenizer")
-        tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
-        if source is not None:
-            if source.tokenizer is None:
-                raise UserError(f"init_from={source.path} holds no tokenizer (tokenizer.json), which an LLM needs")
-            if tokenizer is not None and tokenizer.fingerprint != source.tokenizer.fingerprint:
-                raise UserError(
-                    f"data.tokenizer={tokenizer_path} differs from the tokenizer of init_from={source.path}"
-                )
-            tokenizer = source.tokenizer
-        if artifact_dir is not None and (Path(artifact_dir) / "tokenizer.json").is_file():
-            tokenizer = Tokenizer.load(Path(artifact_dir) / "tokenizer.json")  # resume: the run's own tokenizer
-
+        self.seq_len = self._checked_seq_len(minimum=1)
+        tokenizer, _ = self._tokenizer_to_use(artifact_dir)
         with main_first(self.dist):  # rank 0 tokenizes and caches first; the others then read the cache
             tokens = data.open(d, tokenizer=tokenizer)
         train, val, self.tokenizer = tokens.train, tokens.val, tokens.tokenizer
-
-        self.vocab_size = (source.model_config if source else self.cfg.model).get("vocab_size") or 64 * math.ceil(
-            self.tokenizer.vocab_size / 64
-        )
-        if self.tokenizer.vocab_size > self.vocab_size:
-            raise UserError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than "
-                f"model.vocab_size={self.vocab_size}; "
-                "raise model.vocab_size or set it to null (tokenizer size rounded up to 64)"
-            )
+        self.vocab_size = self._checked_vocab_size()
         self.train_set = TokenWindows(train, self.seq_len)
         self.val_set = TokenWindows(val, self.seq_len)
         for split, ds, arrays in (("training", self.train_set, train), ("validation", self.val_set, val)):
@@ -79,6 +53,51 @@ class LLMTask(Task):
                     f"data.seq_len+1={self.seq_len + 1}; use more text, a smaller data.seq_len"
                     + (" or a larger data.val_fraction" if split == "validation" else "")
                 )
+
+    # --- what the LLM and SFT tasks share in setup ---------------------------------------------------
+    def _checked_seq_len(self, minimum: int) -> int:
+        """data.seq_len, at least ``minimum`` and at most the model's (or init_from's) context."""
+        seq_len = int(self.cfg.data.seq_len)
+        source = self.pretrained
+        context = (source.model_config if source else self.cfg.model).get("context_length")
+        if context is not None and seq_len > context:
+            raise UserError(f"data.seq_len={seq_len} is larger than model.context_length={context}")
+        if seq_len < minimum:
+            raise UserError(f"data.seq_len must be an integer of at least {minimum}, got {seq_len}")
+        return seq_len
+
+    def _tokenizer_to_use(self, artifact_dir: Path | None) -> tuple[Tokenizer | None, str]:
+        """The tokenizer of this run and where it comes from: the run's own on resume, else init_from's, else
+        data.tokenizer, else None (the data trains one); a data.tokenizer other than init_from's is an error."""
+        d, source = self.cfg.data, self.pretrained
+        tokenizer_path = d.get("tokenizer")
+        tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
+        origin = f"data.tokenizer={tokenizer_path}"
+        if source is not None:
+            if source.tokenizer is None:
+                raise UserError(f"init_from={source.path} holds no tokenizer (tokenizer.json), which an LLM needs")
+            if tokenizer is not None and tokenizer.fingerprint != source.tokenizer.fingerprint:
+                raise UserError(
+                    f"data.tokenizer={tokenizer_path} differs from the tokenizer of init_from={source.path}"
+                )
+            tokenizer, origin = source.tokenizer, f"init_from={source.path}"
+        if artifact_dir is not None and (Path(artifact_dir) / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.load(Path(artifact_dir) / "tokenizer.json")  # resume: the run's own tokenizer
+            origin = f"the run's {Path(artifact_dir) / 'tokenizer.json'}"
+        return tokenizer, origin
+
+    def _checked_vocab_size(self) -> int:
+        """model.vocab_size (init_from's), or the tokenizer's size rounded up to 64; never below the tokenizer's."""
+        source = self.pretrained
+        vocab_size = (source.model_config if source else self.cfg.model).get("vocab_size") or 64 * math.ceil(
+            self.tokenizer.vocab_size / 64
+        )
+        if self.tokenizer.vocab_size > vocab_size:
+            raise UserError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than model.vocab_size={vocab_size}; "
+                "raise model.vocab_size or set it to null (tokenizer size rounded up to 64)"
+            )
+        return vocab_size
 
     def model_config(self) -> dict[str, Any]:
         config = self.model_options("gpt")
