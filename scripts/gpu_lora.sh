@@ -31,4 +31,9 @@ case "${1:-small}" in
     bench $sft data.packing=false
     bench recipe=llm model=llama-135m adapter=lora trainer.batch_size=8 $common bench.profile="$OUT/lora_135m_profile.txt"
     ;;
+  stacked)  # LoRA with q/k/v's A's stacked and B's block-diagonal (2 matmuls, not 6), and CUDA graphs on top
+    bench recipe=llm model=llama-135m adapter=lora trainer.batch_size=8 $common
+    bench recipe=llm model=llama-135m adapter=lora trainer.batch_size=8 $common bench.compile_mode=reduce-overhead
+    bench recipe=llm model=llama-1b adapter=lora trainer.batch_size=4 $common
+    ;;
 esac
