@@ -16,21 +16,15 @@ from conftest import compose_cfg
 from PIL import Image
 
 from abi_train.cli import config_dir
+from abi_train.data import SOURCES
 from abi_train.distributed import DistInfo
 from abi_train.tasks import task_class
 from abi_train.trainer import Trainer
 
 CONFIGS = config_dir()
 RECIPE_OF_ARCH = {"gpt": "llm", "vit": "vit", "clip": "clip"}
-RECIPE_OF_DATA = {
-    "text": "llm",
-    "shards": "llm",
-    "shapes": "vit",
-    "images": "vit",
-    "captions": "clip",
-    "pairs": "clip",
-    "chat": "sft",
-}
+# The recipe that takes each data group: the family it feeds (tests/test_data_registry.py checks the registry).
+RECIPE_OF_DATA = {name: source.family for name, source in SOURCES.items()}
 # One small step per recipe: the shipped sizes stay as they are (that is what is being checked),
 # only batch, data and cadence shrink.
 FAST = [
