@@ -303,3 +303,25 @@ def test_lock_image_keeps_the_image_tower_bit_identical_and_out_of_the_optimizer
     assert "text.blocks.0.attn.qkv.weight" in moved and not torch.equal(state["logit_scale"], source["logit_scale"])
     evals = [r for r in read_metrics(run_dir) if "val/zero_shot_top1" in r]
     assert [r["step"] for r in evals] == [0, 3]
+
+
+def test_clip_at_a_new_image_size(tmp_path):
+    """recipe=clip from an imported CLIP with model.image_size=48 (its tower was 32 px): the position embedding
+    is resampled (said in one line), the run trains at 48 px; a size off the patch grid is one line."""
+    from conftest import run_abi
+
+    captions = SyntheticPairs("train", 32, 64, 0).captions()
+    tok = Tokenizer.train(captions, 300, special_tokens=(EOS, SOT))
+    folder = hf_clip_folder(tmp_path / "clip", "gelu", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+    tok.save(folder / "tokenizer.json")
+    args = ["recipe=clip", f"init_from={folder}", "data.num_train=32", "data.num_val=16", "data.num_zero_shot=16"]
+    args += ["trainer.batch_size=8", "trainer.max_steps=1", "trainer.eval_every=0", "trainer.progress=false"]
+    run = tmp_path / "run"
+    r = run_abi([*args, "model.image_size=48", "trainer.ckpt_every=1", f"hydra.run.dir={run}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "position embedding resampled: 32 -> 48 px (4x4 -> 6x6 patches" in r.stderr
+    meta = json.loads((run / "checkpoints" / "step_00000001" / "meta.json").read_text())
+    assert meta["model_config"]["image_size"] == 48
+    bad = run_abi([*args, "model.image_size=44", f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert bad.returncode == 2 and "model.image_size=44 is not a multiple of the patch size 8" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -31,6 +31,7 @@ from abi_train.distributed import all_reduce_sum, eval_shard, gather_shards
 from abi_train.errors import UserError
 from abi_train.losses import clip_loss, siglip_loss
 from abi_train.tasks.base import EvalResult, Task
+from abi_train.tasks.vit import image_size_from
 from abi_train.utils import unwrap
 
 LOSSES = ("clip", "siglip")
@@ -64,7 +65,12 @@ class CLIPTask(Task):
                 f"loss={self.loss_name} but init_from={self.pretrained.path} is a {source.get('loss', 'clip')}-loss "
                 f"CLIP (it {bias} logit_bias); use loss={source.get('loss', 'clip')}"
             )
-        self.image_size = int(source["image_size"] if source is not None else cfg.model.image_size)
+        self.image_size = int(cfg.model.image_size)
+        if source is not None:  # the source's size, or model.image_size=N (its position embedding resampled)
+            explicit = cfg.model.get("image_size") if "image_size" in self.model_overrides else None
+            self.image_size, note = image_size_from(source, explicit, "model.image_size", self.pretrained.path)
+            if note and self.dist.is_main and artifact_dir is None:
+                print(note, file=sys.stderr, flush=True)
         self.context_length = int(source["context_length"] if source is not None else cfg.model.context_length)
         self.mean, self.std = tuple(d.image_mean), tuple(d.image_std)
         info = self.pretrained.metadata if self.pretrained is not None else {}

@@ -94,6 +94,28 @@ class TrainCollate:
         return batch
 
 
+def image_size_from(
+    source: dict[str, Any], requested: int | None, key: str, origin: Path | str
+) -> tuple[int, str | None]:
+    """The image size of a run that starts from ``source`` (init_from's ViT or CLIP config): ``requested`` (the
+    value of ``key``: data.image_size, or an explicit model.image_size) or the source's own; with a note when the
+    position embedding is resampled to it (models.vit.adapt_tower). Off the source's patch grid: a UserError."""
+    old, patch = source["image_size"], source["patch_size"]
+    size = int(requested or old)
+    if size <= 0 or size % patch:  # (without init_from the model says it)
+        near = patch * max(1, round(size / patch))
+        raise UserError(
+            f"{key}={size} is not a multiple of the patch size {patch} of init_from={origin}; "
+            f"valid: a multiple of {patch}, e.g. {near}"
+        )
+    if size == old:
+        return size, None
+    g, h = old // patch, size // patch
+    return size, (
+        f"position embedding resampled: {old} -> {size} px ({g}x{g} -> {h}x{h} patches, bicubic, class token kept)"
+    )
+
+
 class ViTTask(Task):
     family: ClassVar[str] = "vit"
     unit: ClassVar[str] = "images"
@@ -117,21 +139,10 @@ class ViTTask(Task):
         self.image_size = d.get("image_size") or self.cfg.model.get("image_size")
         self.notes: list[str] = []  # what init_from's weights are adapted to, said once at setup
         if source is not None:
-            old, patch = source["image_size"], source["patch_size"]
             explicit = self.cfg.model.get("image_size") if "image_size" in self.model_overrides else None
-            self.image_size = int(d.get("image_size") or explicit or old)
-            if self.image_size <= 0 or self.image_size % patch:  # (without init_from the model says it)
-                near = patch * max(1, round(self.image_size / patch))
-                raise UserError(
-                    f"data.image_size={self.image_size} is not a multiple of the patch size {patch} of init_from="
-                    f"{self.pretrained.path}; valid: a multiple of {patch}, e.g. {near}"
-                )
-            if self.image_size != old:
-                g, h = old // patch, self.image_size // patch
-                self.notes.append(
-                    f"position embedding resampled: {old} -> {self.image_size} px ({g}x{g} -> {h}x{h} patches, "
-                    "bicubic, class token kept)"
-                )
+            key = "data.image_size" if d.get("image_size") else "model.image_size"
+            self.image_size, note = image_size_from(source, d.get("image_size") or explicit, key, self.pretrained.path)
+            self.notes += [note] if note else []
         if not self.image_size:
             raise UserError("no image size: set data.image_size or model.image_size")
         images = data.open(d, image_size=self.image_size)
