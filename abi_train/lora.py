@@ -244,6 +244,7 @@ def merged(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(out)):
         parent_name, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, child, layer.merged())
+    out.__dict__.pop("lora_config", None)  # a plain model now
     return out
 
 
