@@ -135,6 +135,33 @@ class LLMTask(Task):
         n = min(len(self.val_set), tc.eval_batches * (tc.global_batch_size or tc.batch_size * self.dist.world_size))
         return np.linspace(0, len(self.val_set) - 1, n).round().astype(int).tolist()
 
+    def _val_batch(self, items: list[int]) -> Any:
+        """The validation items ``items`` as one batch (CPU): windows here, packed conversations in SFT."""
+        return collate_windows([self.val_set[j] for j in items])
+
+    def _learned_tokens(self, batch: Any) -> int | torch.Tensor:
+        """How many tokens of ``batch`` its loss averages over (every one here; SFT: the labelled ones)."""
+        return batch[0].numel()
+
+    def _val_loss(self, model: nn.Module, device: torch.device) -> float:
+        """The loss over fixed validation items spread over the split (``_val_indices``); the ranks share them
+        out and sum (loss x learned tokens, learned tokens), so any world size gives one process's number."""
+        indices, batch_size = self._val_indices(), self.cfg.trainer.batch_size
+        mine = [indices[i] for i in eval_shard(len(indices), self.dist.rank, self.dist.world_size)]
+        stats = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss x tokens, tokens
+        # As many batches on every rank (FSDP: each forward is collective); a short shard's last ones run on
+        # item 0 and are not counted.
+        for b in range(eval_batch_count(len(indices), self.dist.world_size, batch_size)):
+            part = mine[b * batch_size : (b + 1) * batch_size]
+            batch = self.to_device(self._val_batch(part or indices[:1]), device)
+            loss, _ = self.loss(model, batch)
+            if part:
+                tokens = self._learned_tokens(batch)
+                stats[0] += loss.double() * tokens
+                stats[1] += tokens
+        total, count = all_reduce_sum(stats).tolist()
+        return total / max(count, 1)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         """val/loss over fixed windows spread over the split; the ranks share them out and sum (loss x
@@ -142,20 +169,7 @@ class LLMTask(Task):
         was_training = model.training
         model.eval()
         try:
-            indices, batch_size = self._val_indices(), self.cfg.trainer.batch_size
-            mine = [indices[i] for i in eval_shard(len(indices), self.dist.rank, self.dist.world_size)]
-            stats = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss x tokens, tokens
-            # As many batches on every rank (FSDP: each forward is collective); a short shard's last ones
-            # run on window 0 and are not counted.
-            for b in range(eval_batch_count(len(indices), self.dist.world_size, batch_size)):
-                part = mine[b * batch_size : (b + 1) * batch_size]
-                x, y = self.to_device(collate_windows([self.val_set[j] for j in part or indices[:1]]), device)
-                loss = model(x, y)
-                if part:
-                    stats[0] += loss.double() * x.numel()
-                    stats[1] += x.numel()
-            total, count = all_reduce_sum(stats).tolist()
-            loss = total / count
+            loss = self._val_loss(model, device)
             # A local generator: sampling must not move the global RNG, or resumed runs would diverge.
             # Every rank samples (under FSDP each forward is collective); rank 0's text is logged.
             gen = torch.Generator(device=device).manual_seed(0)

@@ -121,6 +121,12 @@ class SFTTask(LLMTask):
         return collate_packed([rows[i % len(rows)] for i in range(batch_size)])
 
     # --- evaluation ---------------------------------------------------------------------------
+    def _val_batch(self, items: list[int]) -> Any:
+        return collate_packed([self.val_set[j] for j in items])  # the loss is the same packed or not
+
+    def _learned_tokens(self, batch: Any) -> int | torch.Tensor:
+        return (batch["targets"] != -100).sum()
+
     def _prompts(self) -> list[tuple[list[dict[str, str]], str, str]]:
         """(messages before the last reply, the reference reply, kind) of each held-out conversation."""
         out = []
@@ -143,23 +149,9 @@ class SFTTask(LLMTask):
         was_training = model.training
         model.eval()
         try:
+            loss = self._val_loss(model, device)
             rank, world = self.dist.rank, self.dist.world_size
-            tc = self.cfg.trainer
-            n = min(len(self.val_set), tc.eval_batches * (tc.global_batch_size or tc.batch_size * world))
-            indices = np.linspace(0, len(self.val_set) - 1, n).round().astype(int).tolist()
-            mine = [indices[i] for i in eval_shard(len(indices), rank, world)]
-            stats = torch.zeros(6, dtype=torch.float64, device=device)  # loss x tokens, tokens, persona counts
-            batch_size = tc.batch_size
-            for b in range(eval_batch_count(len(indices), world, batch_size)):
-                part = mine[b * batch_size : (b + 1) * batch_size]
-                batch = self.to_device(collate_packed([self.val_set[j] for j in part or indices[:1]]), device)
-                loss = model(batch["idx"], batch["targets"], positions=batch["positions"], segments=batch["segments"],
-                             labelled_only=True)  # fmt: skip
-                if part:
-                    count = (batch["targets"] != -100).sum()
-                    stats[0] += loss.double() * count
-                    stats[1] += count
-
+            stats = torch.zeros(4, dtype=torch.float64, device=device)  # persona hits, asked; leaks, others
             # Replies: greedy for the persona counts, every rank its share; a short shard's extra calls are
             # not counted (under FSDP each forward is collective, so every rank makes as many).
             raw, prompts = unwrap(model), self._prompts()
@@ -174,9 +166,9 @@ class SFTTask(LLMTask):
                         replies[i] = reply
                         hit = persona.search(reply) is not None
                         identity = prompts[i][2] == "identity"
-                        stats[2 if identity else 4] += hit
-                        stats[3 if identity else 5] += 1
-            total, count, hits, asked, leaks, others = all_reduce_sum(stats).tolist()
+                        stats[0 if identity else 2] += hit
+                        stats[1 if identity else 3] += 1
+            hits, asked, leaks, others = all_reduce_sum(stats).tolist()
             # Sampled replies to held-out prompts spread over the set (identity and ordinary ones), with a local
             # generator (the global RNG stays put).
             gen = torch.Generator(device=device).manual_seed(0)
@@ -188,7 +180,6 @@ class SFTTask(LLMTask):
                 lines.append(f"**{messages[-1]['content']}**\n\n{reply}\n\n(reference: {reference})")
         finally:
             model.train(was_training)
-        loss = total / max(count, 1)
         scalars = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
         if asked:
             scalars["val/persona_rate"] = hits / asked
