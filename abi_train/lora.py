@@ -31,6 +31,7 @@ from torch import nn
 
 from abi_train.errors import UserError
 from abi_train.models.layers import MLP, Attention
+from abi_train.models.qkv import LORA_PARTS
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 TARGET_GROUPS = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"), "all": TARGETS}
@@ -182,9 +183,7 @@ def _candidates(module: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, 
         rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
         return {**{t: ("qkv", {t: r}) for t, r in rows.items()}, "o": ("proj", {"o": (0, module.proj.out_features)})}
     if isinstance(module, MLP):
-        names = (
-            {"gate": "gate", "up": "up", "down": "down"} if module.kind == "swiglu" else {"up": "fc", "down": "proj"}
-        )
+        names = {"gate": "gate", "up": "up", "down": "down"} if module.gated else {"up": "fc", "down": "proj"}
         return {t: (child, {t: (0, getattr(module, child).out_features)}) for t, child in names.items()}
     return {}
 
@@ -229,6 +228,20 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+def adapters_by_part(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every LoRA update of a decoder as ``blocks.N.<part>`` -> (A, B) in fp32, parts as ``models.qkv`` names
+    them (``attn.q``, ``attn.proj``, ``mlp.up``, ...): what the PEFT and llama.cpp adapter exports regroup."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, layer in lora_layers(model):
+        parts = name.split(".")
+        if parts[0] != "blocks":
+            raise UserError(f"LoRA layer {name!r} is outside the blocks; adapter formats have no name for it")
+        for target in layer.slices:
+            a, b = layer.lora_a[target].detach().float(), layer.lora_b[target].detach().float()
+            out[f"blocks.{parts[1]}.{LORA_PARTS[target]}"] = (a, b)
+    return out
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -20,10 +20,12 @@ from abi_train import checkpoint as ckpt
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 from abi_train.export import export_checkpoint, export_gguf
-from abi_train.export.gguf_llm import permute, to_gguf, unpermute
+from abi_train.export.gguf_llm import to_gguf
 from abi_train.export.reader import read_gguf
 from abi_train.models import build_model
 from abi_train.models.layers import apply_rope, rope_cache
+from abi_train.models.qkv import permute_rope as permute
+from abi_train.models.qkv import unpermute_rope as unpermute
 
 Q = GGMLQuantizationType
 META = {"family": "llm", "step": 42}

@@ -196,18 +196,17 @@ def test_generate(style):
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_kv_cache_gives_the_logits_of_a_full_forward(style):
-    """A prompt into the KV cache, then one token at a time: every step's logits equal those of the whole
-    sequence recomputed; past the context, generation equals the uncached sliding window."""
+    """A prompt into the KV cache, then one token at a time (or a chunk of several): every step's logits equal
+    those of the whole sequence recomputed; past the context, generation equals the uncached sliding window."""
     from abi_train.models.layers import KVCache
 
     m = tiny(style)
     seq = torch.randint(0, 128, (2, 40))
     full = m(seq)
     caches = [KVCache() for _ in m.blocks]
-    steps = [m(seq[:, :30], caches=caches)] + [m(seq[:, t : t + 1], caches=caches) for t in range(30, 40)]
+    steps = [m(seq[:, :30], caches=caches)] + [m(seq[:, t : t + 1], caches=caches) for t in range(30, 36)]
+    steps.append(m(seq[:, 36:40], caches=caches))  # a chunk into a filled cache
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="one token at a time"):
-        m(seq[:, :2], caches=caches)
 
     def uncached(idx: torch.Tensor, n: int) -> torch.Tensor:  # the definition: recompute the window every step
         for _ in range(n):
@@ -255,11 +254,12 @@ def test_generate_cli(tmp_path, capsys, monkeypatch):
 
 
 def test_gelu_form_is_a_gpt2_option():
-    """gpt2's MLP GELU: the tanh form by default (GPT-2, llama.cpp), exact on request (nanoGPT); llama has none."""
+    """gpt2's MLP GELU: the tanh form by default (GPT-2, llama.cpp), exact on request (nanoGPT); SiLU is for
+    gated MLPs only."""
     x = torch.randn(2, 8, 64)
     for act, approximate in (("gelu_tanh", "tanh"), ("gelu", "none")):
         mlp = build_model({"arch": "gpt", "style": "gpt2", "vocab_size": 64, "act": act}).blocks[0].mlp
         want = mlp.proj(torch.nn.functional.gelu(mlp.fc(x), approximate=approximate))
         torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)
-    with pytest.raises(UserError, match="model.act='gelu' is not valid: the gpt2 style takes gelu_tanh | gelu"):
-        build_model({"arch": "gpt", "style": "llama", "vocab_size": 64, "act": "gelu"})
+    with pytest.raises(UserError, match="model.act='silu' is not valid for a plain .* it takes gelu_tanh | gelu"):
+        build_model({"arch": "gpt", "style": "gpt2", "vocab_size": 64, "act": "silu"})

@@ -1,21 +1,24 @@
-"""GGUF name map and hyperparameters for ``models.gpt``: llama.cpp's ``llama``, ``qwen2`` and ``gpt2`` architectures.
+"""GGUF name map and hyperparameters for ``models.gpt``: every LLM family (``models/families``) as the llama.cpp
+architecture its family file names (llama, qwen2, qwen3, gemma2, gemma3, phi3, smollm3, gpt2, ...).
 
-- llama: our fused ``qkv`` is split into ``attn_q/attn_k/attn_v``, and Q/K rows (and their biases, with
-  ``attention_bias``) are permuted per head from rotate-half RoPE (pairs i, i+d/2) to llama.cpp's adjacent
-  pairs (2i, 2i+1), exactly as llama.cpp's convert_hf_to_gguf.py ``LlamaModel.permute`` does. V and the
-  output projection are not.
-- qwen2: llama.cpp rotates it NeoX-style (rotate-half, as we do), so nothing is permuted; q/k/v biases.
-- gpt2: ``attn_qkv`` stays fused (rows [q|k|v], with bias); ``position_embd`` has context_length rows.
+- Tensors: the family's GGUF table (``models.qkv`` splits our fused ``qkv`` into ``attn_q/attn_k/attn_v`` or
+  keeps it fused as ``attn_qkv``). Where the family says llama.cpp rotates adjacent pairs (``gguf_permute_qk``:
+  llama), Q/K rows (and their biases) are permuted per head from rotate-half RoPE (pairs i, i+d/2) to llama.cpp's
+  (2i, 2i+1), exactly as llama.cpp's convert_hf_to_gguf.py ``LlamaModel.permute`` does.
+- Gemma's ``1 + w`` RMSNorms are written as the plain weight llama.cpp multiplies by (w + 1), as its converter does.
 - Tied embeddings: no ``output.weight`` (llama.cpp then reuses ``token_embd``).
-- RoPE: ``head_dim`` apart from d_model/n_head is ``attention.key_length``/``value_length``; linear scaling is
-  ``rope.scaling.type/factor``; Llama 3's scaling is the ``rope_freqs.weight`` tensor of per-frequency divisors
-  that llama.cpp's converter writes (and reads back into our ``rope_scaling``).
+- RoPE: ``head_dim`` apart from d_model/n_head is ``attention.key_length``/``value_length``; partial rotary is
+  ``rope.dimension_count``; linear scaling is ``rope.scaling.type/factor``; Llama 3's scaling is the
+  ``rope_freqs.weight`` tensor of per-frequency divisors that llama.cpp's converter writes (and reads back into
+  our ``rope_scaling``). A family's own keys (sliding window, soft-caps) come from its ``gguf_metadata``.
+- Our own files carry ``abi_train.style``, so a family llama.cpp shares an architecture with (Mistral: llama)
+  comes back as itself.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,48 +28,31 @@ from gguf import GGUFWriter, RopeScalingType
 
 from abi_train.errors import UserError
 from abi_train.export.gguf_common import add_tokenizer
-from abi_train.models.layers import rope_frequencies
+from abi_train.models.families import Family, families, family, family_for_gguf
+from abi_train.models.gpt import GPTConfig
+from abi_train.models.layers import RMSNorm, rope_frequencies
+from abi_train.models.qkv import (
+    add_zero_biases,
+    check_parts,
+    from_parts,
+    group,
+    permute_rope,
+    rope_heads,
+    to_parts,
+    ungroup,
+    unpermute_rope,
+)
 
 NEEDS_TOKENIZER = True
-ARCHITECTURES = ("llama", "qwen2", "gpt2")
+ARCHITECTURES = tuple(sorted({fam.gguf_architecture for fam in families().values()}))
 KEEP_F32 = ("position_embd.weight",)
-ROTARY = ("llama", "qwen2")
-
-TOP = {"tok_embd": "token_embd", "pos_embd": "position_embd", "norm_f": "output_norm", "lm_head": "output"}
-_ROTARY_BLOCK = {
-    "norm1": "attn_norm",
-    "attn.proj": "attn_output",
-    "norm2": "ffn_norm",
-    "mlp.gate": "ffn_gate",
-    "mlp.up": "ffn_up",
-    "mlp.down": "ffn_down",
-}
-BLOCK = {
-    "llama": _ROTARY_BLOCK,
-    "qwen2": _ROTARY_BLOCK,
-    "gpt2": {
-        "norm1": "attn_norm",
-        "attn.qkv": "attn_qkv",
-        "attn.proj": "attn_output",
-        "norm2": "ffn_norm",
-        "mlp.fc": "ffn_up",
-        "mlp.proj": "ffn_down",
-    },
-}
 ROPE_FREQS = "rope_freqs.weight"
-
-
-def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Per head, reorder rows [0..d/2 | d/2..d] to interleaved [0, d/2, 1, d/2+1, ...]."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+STYLE_KEY = "abi_train.style"
+LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 
 
 def architecture(model: Any) -> str:
-    return model.cfg.style  # "llama" | "qwen2" | "gpt2" are llama.cpp's architecture names too
+    return family(model.cfg.style).gguf_architecture
 
 
 def llama3_rope_factors(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
@@ -76,11 +62,11 @@ def llama3_rope_factors(head_dim: int, theta: float, scaling: dict[str, Any]) ->
 
 def add_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], tokenizer_path: Path) -> None:
     c = model.cfg
-    if c.style == "gpt2" and c.act != "gelu_tanh":
-        raise UserError(
-            f"llama.cpp's gpt2 computes the tanh GELU; a model.act={c.act} model would not run as trained: "
-            "export it with --format hf"
-        )
+    fam = family(c.style)
+    reason = fam.refusal(c, "gguf")
+    if reason:
+        raise UserError(reason)
+    writer.add_string(STYLE_KEY, c.style)
     writer.add_context_length(c.context_length)
     writer.add_embedding_length(c.d_model)
     writer.add_block_count(c.n_layer)
@@ -88,47 +74,62 @@ def add_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], tokenizer
     writer.add_head_count(c.n_head)
     writer.add_head_count_kv(c.n_kv_head)
     writer.add_vocab_size(c.vocab_size)
-    if c.style in ROTARY:
+    if c.norm == "rmsnorm":
         writer.add_layer_norm_rms_eps(c.norm_eps)
+    else:
+        writer.add_layer_norm_eps(c.norm_eps)
+    if c.positions == "rope":
         writer.add_rope_freq_base(c.rope_theta)
-        writer.add_rope_dimension_count(c.head_dim)
+        writer.add_rope_dimension_count(c.rope_dim)
         if c.head_dim * c.n_head != c.d_model:
             writer.add_key_length(c.head_dim)
             writer.add_value_length(c.head_dim)
         if (c.rope_scaling or {}).get("type") == "linear":
             writer.add_rope_scaling_type(RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
-    else:
-        writer.add_layer_norm_eps(c.norm_eps)
+    if fam.gguf_metadata is not None:
+        fam.gguf_metadata(writer, c)
     add_tokenizer(writer, tokenizer_path, c.vocab_size)
+
+
+def offset_norms(model_or_config: Any) -> set[str]:
+    """The weights of RMSNorms that scale by 1 + w (Gemma), which llama.cpp stores as w + 1."""
+    if isinstance(model_or_config, GPTConfig):
+        if not model_or_config.norm_offset:
+            return set()
+        from abi_train.models.gpt import GPT
+
+        with torch.device("meta"):
+            model_or_config = GPT(model_or_config)
+    return {f"{n}.weight" for n, m in model_or_config.named_modules() if isinstance(m, RMSNorm) and m.offset}
+
+
+def _permute(fam: Family, c: GPTConfig, inverse: bool = False) -> Any:
+    heads = rope_heads(c)
+
+    def transform(theirs: str, part: str, kind: str, t: torch.Tensor) -> torch.Tensor:
+        if not fam.gguf_permute_qk or part not in heads:
+            return t
+        return (unpermute_rope if inverse else permute_rope)(t, heads[part])
+
+    return transform
 
 
 def to_gguf(model: Any) -> dict[str, torch.Tensor]:
     c = model.cfg
-    hd = c.head_dim
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        *module, kind = name.split(".")
-        if module[0] == "blocks":
-            prefix, module = f"blk.{module[1]}", ".".join(module[2:])
-            if c.style in ROTARY and module == "attn.qkv":
-                q, k, v = t.split([c.n_head * hd, c.n_kv_head * hd, c.n_kv_head * hd])
-                if c.style == "llama":
-                    q, k = permute(q, c.n_head), permute(k, c.n_kv_head)
-                out[f"{prefix}.attn_q.{kind}"] = q
-                out[f"{prefix}.attn_k.{kind}"] = k
-                out[f"{prefix}.attn_v.{kind}"] = v
-            else:
-                out[f"{prefix}.{BLOCK[c.style][module]}.{kind}"] = t
-        elif not (module[0] == "lm_head" and c.tie_embeddings):
-            out[f"{TOP[module[0]]}.{kind}"] = t
+    fam = family(c.style)
+    state = dict(model.state_dict())
+    for name in offset_norms(model):
+        state[name] = state[name] + 1
+    if c.tie_embeddings:
+        state.pop("lm_head.weight")
+    parts = to_parts(state, c)
+    if fam.gguf_needs_biases and not c.bias:
+        add_zero_biases(parts)  # llama.cpp's gpt2 graph requires every linear and LayerNorm bias
+    top = {ours: theirs for theirs, ours in fam.gguf_top.items()}
+    out = group(parts, c, fam.gguf_block, top, lambda i: f"blk.{i}.", _permute(fam, c))
     if (c.rope_scaling or {}).get("type") == "llama3":
-        out[ROPE_FREQS] = llama3_rope_factors(hd, c.rope_theta, c.rope_scaling)
-    if c.style == "gpt2" and not c.bias:
-        # llama.cpp's gpt2 graph requires every linear and LayerNorm bias: zeros compute the same function.
-        for name, t in list(out.items()):
-            if name.endswith(".weight") and not name.startswith(("token_embd.", "position_embd.", "output.")):
-                out[name.removesuffix("weight") + "bias"] = torch.zeros(t.shape[0], dtype=t.dtype)
+        out[ROPE_FREQS] = llama3_rope_factors(c.rope_dim, c.rope_theta, c.rope_scaling)
     return out
 
 
@@ -194,13 +195,17 @@ def llama3_scaling_from_factors(factors: torch.Tensor, head_dim: int, theta: flo
 
 def config_from_gguf(kv: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     a = kv["general.architecture"]
-    rotary = a in ROTARY
+    fam = family(kv[STYLE_KEY]) if STYLE_KEY in kv else family_for_gguf(a)
+    if fam is None:
+        supported = ", ".join(ARCHITECTURES)
+        raise UserError(f"GGUF architecture {a!r} is not one abi_train can rebuild; supported: {supported}")
     n_head = _need(kv, f"{a}.attention.head_count")
     d_model = _need(kv, f"{a}.embedding_length")
+    rms = f"{a}.attention.layer_norm_rms_epsilon" in kv
     cfg: dict[str, Any] = {
         "arch": "gpt",
         "name": kv.get("general.name", "gpt"),
-        "style": a,
+        "style": fam.name,
         "vocab_size": _shape(tensors, "token_embd.weight")[0],
         "context_length": _need(kv, f"{a}.context_length"),
         "n_layer": _need(kv, f"{a}.block_count"),
@@ -208,21 +213,28 @@ def config_from_gguf(kv: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
         "n_kv_head": kv.get(f"{a}.attention.head_count_kv", n_head),
         "d_model": d_model,
         "ffn_hidden": _need(kv, f"{a}.feed_forward_length"),
-        "norm_eps": _need(kv, f"{a}.attention.layer_norm{'_rms' if rotary else ''}_epsilon"),
+        "norm_eps": _need(kv, f"{a}.attention.layer_norm{'_rms' if rms else ''}_epsilon"),
         "tie_embeddings": "output.weight" not in tensors,
     }
-    if not rotary:
-        # All-zero biases are what the exporter writes for a bias-free gpt2: rebuild that model.
-        cfg["bias"] = any(tensors[n].any() for n in tensors if n.endswith(".bias"))
-        return cfg
+    if fam.defaults.get("positions") == "rope":
+        cfg |= _rope_config(kv, tensors, a, n_head, d_model)
+    if fam.config_from_gguf is not None:
+        cfg |= fam.config_from_gguf(kv, tensors, a)
+    return cfg
+
+
+def _rope_config(
+    kv: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], a: str, n_head: int, d_model: int
+) -> dict[str, Any]:
     head_dim = kv.get(f"{a}.attention.key_length", d_model // n_head)
     if kv.get(f"{a}.attention.value_length", head_dim) != head_dim:
         raise UserError("GGUF model has attention.value_length != key_length; abi_train models use one head size")
-    if kv.get(f"{a}.rope.dimension_count", head_dim) != head_dim:
-        raise UserError("GGUF model uses partial RoPE (rope.dimension_count != head size); not supported")
+    cfg: dict[str, Any] = {"rope_theta": float(kv.get(f"{a}.rope.freq_base", 10000.0))}
     if head_dim != d_model // n_head or d_model % n_head:
         cfg["head_dim"] = head_dim
-    cfg["rope_theta"] = float(kv.get(f"{a}.rope.freq_base", 10000.0))
+    rope_dim = kv.get(f"{a}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        cfg["rope_dim"] = rope_dim
     kind = kv.get(f"{a}.rope.scaling.type", "none")
     if kind == "linear":
         cfg["rope_scaling"] = {"type": "linear", "factor": float(_need(kv, f"{a}.rope.scaling.factor"))}
@@ -231,46 +243,35 @@ def config_from_gguf(kv: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
     if ROPE_FREQS in tensors:
         if "rope_scaling" in cfg:
             raise UserError(f"GGUF file has both rope.scaling.type and {ROPE_FREQS}; not supported")
-        if (scaling := llama3_scaling_from_factors(tensors[ROPE_FREQS], head_dim, cfg["rope_theta"])) is not None:
+        if (scaling := llama3_scaling_from_factors(tensors[ROPE_FREQS], rope_dim, cfg["rope_theta"])) is not None:
             cfg["rope_scaling"] = scaling
-    if a == "llama" and any(n.startswith("blk.") and n.endswith(".bias") for n in tensors):
-        cfg["attention_bias"] = True
     return cfg
 
 
 def from_gguf(tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    style = config["style"]
-    inverse_top = {v: k for k, v in TOP.items()}
-    inverse_block = {v: k for k, v in BLOCK[style].items()}
-    sd: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for name in tensors:
-        parts = name.split(".")
-        if name == ROPE_FREQS or (parts[-1] == "bias" and style == "gpt2" and not config["bias"]):
-            continue  # rope_freqs is config (rope_scaling); zero biases of a bias-free gpt2
-        try:
-            if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k", "attn_v") and style in ROTARY:
-                qkv[f"blocks.{parts[1]}.attn.qkv.{parts[3]}"][parts[2]] = tensors[name]
-            elif parts[0] == "blk":
-                sd[f"blocks.{parts[1]}.{inverse_block[parts[2]]}.{parts[3]}"] = tensors[name]
-            else:
-                sd[f"{inverse_top[parts[0]]}.{parts[1]}"] = tensors[name]
-        except (KeyError, IndexError):
-            raise UserError(f"GGUF tensor {name!r} has no place in a {style} model") from None
-    n_head, n_kv_head = config["n_head"], config["n_kv_head"]
-    for name, p in qkv.items():
-        if len(p) != 3:
-            raise UserError(f"GGUF file lacks one of attn_q/attn_k/attn_v for {name}")
-        q, k = p["attn_q"], p["attn_k"]
-        if style == "llama":
-            q, k = unpermute(q, n_head), unpermute(k, n_kv_head)
-        sd[name] = torch.cat([q, k, p["attn_v"]])
-    if config.get("attention_bias"):
+    c = GPTConfig(**{k: v for k, v in config.items() if k != "arch"})
+    fam = family(c.style)
+    # rope_freqs is config (rope_scaling); zero biases of a bias-free model are the exporter's padding
+    skip = {ROPE_FREQS}
+    if fam.gguf_needs_biases and not c.bias:
+        skip |= {n for n in tensors if n.endswith(".bias")}
+    items = ((n, tensors[n]) for n in tensors if n not in skip)
+    top = dict(fam.gguf_top)
+    try:
+        parts, origin = ungroup(items, c, fam.gguf_block, top, LAYER, _permute(fam, c, inverse=True))
+    except KeyError as e:
+        raise UserError(f"GGUF tensor {e.args[0]!r} has no place in a {fam.name} model") from None
+    if c.tie_embeddings:
+        parts["lm_head.weight"], origin["lm_head.weight"] = parts["tok_embd.weight"], "token_embd.weight"
+    if c.attention_bias:
         # HF Llama's attention_bias has o_proj's bias too; a file with q/k/v biases only gets zeros there.
-        for i in range(config["n_layer"]):
-            w = sd.get(f"blocks.{i}.attn.proj.weight")
+        for i in range(c.n_layer):
+            w = parts.get(f"blocks.{i}.attn.proj.weight")
             if w is not None:
-                sd.setdefault(f"blocks.{i}.attn.proj.bias", torch.zeros(w.shape[0]))
-    if config["tie_embeddings"]:
-        sd["lm_head.weight"] = sd["tok_embd.weight"]
+                parts.setdefault(f"blocks.{i}.attn.proj.bias", torch.zeros(w.shape[0]))
+    check_parts(parts, config, "GGUF file", origin)
+    sd = from_parts(parts)
+    for name in offset_norms(c):
+        if name in sd:
+            sd[name] = sd[name] - 1
     return sd

@@ -7,11 +7,11 @@ llama-cpp-python's ``lora_path``): ``general.type = adapter``, ``adapter.type = 
 
 - Scale: llama.cpp computes ``alpha / rank`` per tensor (rank = lora_b's columns), so ``adapter.lora.alpha``
   is written as our ``scale * rank``: plain LoRA, rsLoRA (alpha / sqrt(rank)) and any alpha come out right.
-- llama: Q/K rows are permuted for llama.cpp's RoPE, so q/k ``lora_b`` rows get the same permutation as W
-  (permuting the rows of B permutes the rows of B A). qwen2 is not permuted.
-- gpt2: ``attn_qkv`` stays one fused tensor, so the q/k/v adapters become one block-diagonal LoRA of rank
-  n * rank (A = [A_q; A_k; A_v], B = blockdiag(B_q, B_k, B_v)): exactly the same update. Its B is multiplied
-  by n, since llama.cpp divides by the larger rank.
+- Names: the family's GGUF table (``models.qkv.group_lora``). Where llama.cpp permutes Q/K rows for its RoPE
+  (llama), q/k ``lora_b`` rows get the same permutation as W (permuting the rows of B permutes the rows of B A).
+- A fused tensor (gpt2's and phi3's ``attn_qkv``, phi3's gate+up ``ffn_up``) gets its parts' adapters as one
+  block-diagonal LoRA of rank n * rank (A = [A_q; A_k; A_v], B = blockdiag(B_q, B_k, B_v)): exactly the same
+  update. Its B is multiplied by n, since llama.cpp divides by the larger rank.
 - ``adapter.also_train`` tensors (trained in full) have no place in a llama.cpp adapter: refused, as are
   ViT / CLIP models (llama.cpp's adapters are for LLMs).
 """
@@ -28,8 +28,9 @@ from torch import nn
 
 from abi_train.errors import UserError
 from abi_train.export.gguf_common import add_general, gguf_file
-from abi_train.export.gguf_llm import BLOCK, ROTARY, permute
-from abi_train.lora import LoRALinear, lora_layers
+from abi_train.lora import adapters_by_part, lora_layers
+from abi_train.models.families import family
+from abi_train.models.qkv import group_lora, permute_rope, rope_heads
 
 OUTTYPES = ("f32", "f16")
 MERGED_HINT = "export the merged model (--format gguf or hf)"
@@ -60,38 +61,14 @@ def lora_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor
     """GGUF base tensor name -> (A, B) in llama.cpp's layout, B already scaled so that llama.cpp's
     ``(scale * rank) / rank_of_tensor * B A`` is our ``scale * B A``."""
     c = model.cfg
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, layer in lora_layers(model):
-        parts = name.split(".")
-        if parts[0] != "blocks":
-            raise UserError(f"LoRA layer {name!r} has no llama.cpp adapter name")
-        prefix, module = f"blk.{parts[1]}", ".".join(parts[2:])
-        a = {t: layer.lora_a[t].detach().float() for t in layer.slices}
-        b = {t: layer.lora_b[t].detach().float() for t in layer.slices}
-        if module == "attn.qkv" and c.style in ROTARY:
-            heads = {"q": c.n_head, "k": c.n_kv_head}
-            for t in layer.slices:
-                bt = permute(b[t], heads[t]) if c.style == "llama" and t in heads else b[t]
-                out[f"{prefix}.attn_{t}.weight"] = (a[t], bt)
-        elif len(layer.slices) == 1 and next(iter(layer.slices.values())) == (0, layer.out_features):
-            (t,) = layer.slices
-            out[f"{prefix}.{BLOCK[c.style][module]}.weight"] = (a[t], b[t])
-        else:
-            out[f"{prefix}.{BLOCK[c.style][module]}.weight"] = _block_diagonal(layer, a, b)
-    return out
+    fam = family(c.style)
+    heads = rope_heads(c)
 
+    def permuted(part: str, b: torch.Tensor) -> torch.Tensor:
+        return permute_rope(b, heads[part]) if fam.gguf_permute_qk and part in heads else b
 
-def _block_diagonal(
-    layer: LoRALinear, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row-slice adapters of one fused layer as one LoRA of rank n * rank (B scaled by n: see above)."""
-    order = sorted(layer.slices, key=lambda t: layer.slices[t])
-    r, n = layer.rank, len(order)
-    big_b = torch.zeros(layer.out_features, n * r)
-    for i, t in enumerate(order):
-        start, stop = layer.slices[t]
-        big_b[start:stop, i * r : (i + 1) * r] = b[t] * n
-    return torch.cat([a[t] for t in order]), big_b
+    grouped = group_lora(adapters_by_part(model), c, fam.gguf_block, lambda i: f"blk.{i}.", permuted)
+    return {f"{name}.weight": (a, b * n) for name, (a, b, n) in grouped.items()}
 
 
 def export_gguf_lora(model: nn.Module, meta: dict[str, Any], out_path: str | Path, outtype: str = "f32") -> Path:
@@ -109,7 +86,7 @@ def export_gguf_lora(model: nn.Module, meta: dict[str, Any], out_path: str | Pat
     _, first = layers[0]
     alpha = first.scale * first.rank  # every layer of a run has the same scale and rank
     meta = {**meta, "model_config": meta.get("model_config") or model.config}
-    with gguf_file(out_path, model.cfg.style) as writer:
+    with gguf_file(out_path, family(model.cfg.style).gguf_architecture) as writer:
         writer.add_type(GGUFType.ADAPTER)
         writer.add_string(Keys.Adapter.TYPE, "lora")
         writer.add_float32(Keys.Adapter.LORA_ALPHA, float(alpha))

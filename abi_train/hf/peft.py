@@ -4,13 +4,13 @@
     adapter_model.safetensors    base_model.model.<HF module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
 
 PEFT scales by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), as we do, so r, alpha and rslora are
-written as trained. Names follow the HF mapping of hf/llm.py and hf/vit.py:
+written as trained. Names follow the HF mapping of hf/llm.py (each LLM family's table) and hf/vit.py:
 
-- Llama / Qwen2: q k v are HF's separate q_proj / k_proj / v_proj (no RoPE permutation: both rotate halves),
-  o is o_proj, gate up down the MLP's gate_proj / up_proj / down_proj.
-- GPT-2: q k v share the fused Conv1D ``attn.c_attn`` (``fan_in_fan_out``), so they become one block-diagonal
-  LoRA of rank n * r there (A = [A_q; A_k; A_v], B = blockdiag(B_q, B_k, B_v): the same update), given through
-  PEFT's ``rank_pattern`` / ``alpha_pattern`` so that its scale stays ours.
+- LLMs: each adapted part (q k v o gate up down) is the HF module its family's table puts it in (Llama's
+  q_proj ... down_proj; no RoPE permutation: both rotate halves). Where one HF module fuses several parts
+  (GPT-2's Conv1D ``attn.c_attn``, with ``fan_in_fan_out``; Phi-3's ``qkv_proj`` and ``gate_up_proj``), they
+  become one block-diagonal LoRA of rank n * r there (A = [A_q; A_k; A_v], B = blockdiag(B_q, B_k, B_v): the
+  same update), given through PEFT's ``rank_pattern`` / ``alpha_pattern`` so that its scale stays ours.
 - ViT (ViTForImageClassification): transformers 5's module names (``vit.layers.N.attention.q_proj``, ``mlp.fc1``;
   transformers 4 named them ``vit.encoder.layer.N.attention.attention.query``, which these files do not match).
 - ``adapter.also_train`` (base tensors trained in full): PEFT's ``modules_to_save``, the HF modules holding
@@ -36,8 +36,10 @@ from torch import nn
 from abi_train.errors import UserError
 from abi_train.export.gguf_lora import also_trained, require_adapter
 from abi_train.hf import check_output_dir, new_folder
-from abi_train.hf.llm import GPT2_BLOCK, GPT2_TOP, LLAMA_BLOCK, LLAMA_TOP, to_hf
-from abi_train.lora import lora_layers, merged
+from abi_train.hf.llm import to_hf
+from abi_train.lora import adapters_by_part, lora_layers, merged
+from abi_train.models.families import families, family
+from abi_train.models.qkv import QKV_PARTS, group_lora, our_module
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel wraps the transformers model as base_model.model
 MERGED_HINT = "export the merged model with --format hf"
+LLMS = ", ".join(sorted(families()))
 
 
 # Our ViT's block modules -> transformers 5's ViTForImageClassification modules (inside vit.layers.N; PEFT sees
@@ -61,40 +64,32 @@ VIT_TOP = {"head": "classifier", "post_ln": "vit.layernorm"}
 
 
 def _style(model: nn.Module) -> str:
-    """gpt2 | llama | qwen2 | vit: which HF names the model's modules have."""
+    """An LLM family's name (its HF names are in its family file) or ``vit``."""
     arch = model.config.get("arch")
     if arch == "gpt":
         return model.config["style"]
     if arch == "vit":
         return "vit"
-    raise UserError(
-        f"PEFT adapter export is for LLMs (Llama, Qwen2, GPT-2) and ViT; this is a {arch} model: {MERGED_HINT}"
-    )
+    raise UserError(f"PEFT adapter export is for LLMs ({LLMS}) and ViT; this is a {arch} model: {MERGED_HINT}")
 
 
-def _hf_module(style: str, layer: str, module: str, target: str) -> str:
-    """The HF module (inside the transformers model) that our LoRA ``target`` of ``blocks.<layer>.<module>`` adapts
-    (or that holds that module's tensors, for modules_to_save)."""
-    if style == "gpt2":
-        return f"transformer.h.{layer}.{ {v: k for k, v in GPT2_BLOCK.items()}[module] }"
-    if style == "vit":
-        return f"vit.layers.{layer}.{f'attention.{target}_proj' if module == 'attn.qkv' else VIT_BLOCK[module]}"
-    if module == "attn.qkv":
-        return f"model.layers.{layer}.self_attn.{target}_proj"
-    return f"model.layers.{layer}.{ {v: k for k, v in LLAMA_BLOCK.items()}[module] }"
+def _vit_module(layer: str, module: str, target: str) -> str:
+    """The transformers ViT module that our LoRA ``target`` of ``blocks.<layer>.<module>`` adapts."""
+    return f"vit.layers.{layer}.{f'attention.{target}_proj' if module == 'attn.qkv' else VIT_BLOCK[module]}"
 
 
-def _hf_modules(style: str, module: str) -> list[str]:
+def _hf_modules(model: nn.Module, style: str, module: str) -> list[str]:
     """The HF module(s) holding the tensors of one of our modules (``blocks.3.norm1``, ``norm_f``, ``head``)."""
     parts = module.split(".")
     if parts[0] == "blocks":
         inner = ".".join(parts[2:])
-        targets = "qkv" if inner == "attn.qkv" and style != "gpt2" else "-"  # HF's q/k/v are three modules
-        return [_hf_module(style, parts[1], inner, t) for t in targets]
-    tops = {
-        "vit": VIT_TOP,
-        "gpt2": {ours: f"transformer.{hf}" for hf, ours in GPT2_TOP.items()} | {"lm_head": "lm_head"},
-    }.get(style, {ours: hf for hf, ours in LLAMA_TOP.items()})
+        if style == "vit":
+            return [_vit_module(parts[1], inner, t) for t in ("qkv" if inner == "attn.qkv" else "-")]
+        fam, gated = family(style), model.cfg.gated_mlp
+        held = set(QKV_PARTS) if inner == "attn.qkv" else {inner}
+        theirs = [t for t, ps in fam.hf_block.items() if held & {our_module(p, gated) for p in ps}]
+        return [f"{fam.hf_layers}.{parts[1]}.{t}" for t in theirs]
+    tops = VIT_TOP if style == "vit" else {ours: theirs for theirs, ours in family(style).hf_top.items()}
     if module not in tops:
         raise UserError(
             f"adapter.also_train trains {module or 'a top-level parameter'} (e.g. the class token or position "
@@ -123,9 +118,9 @@ def _modules_to_save(
                 f"adapter.also_train={also_train} trains the tied embedding / head, which PEFT's modules_to_save "
                 f"would untie: {MERGED_HINT}"
             )
-    names = [hf for module in ours for hf in _hf_modules(style, module)]
+    names = [hf for module in ours for hf in _hf_modules(model, style, module)]
     if style == "vit":  # LayerNorms, linears and the head: the same tensors under the module's transformers 5 name
-        fused = [m for m in ours if len(_hf_modules(style, m)) > 1]
+        fused = [m for m in ours if len(_hf_modules(model, style, m)) > 1]
         if fused:
             raise UserError(
                 f"adapter.also_train={also_train} trains the fused {fused[0]}, which HF's ViT splits into q/k/v "
@@ -133,7 +128,7 @@ def _modules_to_save(
             )
         state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] in ours}
         hf_state = {
-            f"{_hf_modules(style, k.rpartition('.')[0])[0]}.{k.rpartition('.')[2]}": v for k, v in state.items()
+            f"{_hf_modules(model, style, k.rpartition('.')[0])[0]}.{k.rpartition('.')[2]}": v for k, v in state.items()
         }
     else:  # LLM files name modules as the models do; their export splits q/k/v and transposes GPT-2's Conv1D
         hf_state = to_hf(merged(model), meta, None).tensors
@@ -145,38 +140,40 @@ def _modules_to_save(
     return names, tensors
 
 
+def _hf_adapters(model: nn.Module, style: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """HF module -> (A, B, n: how many of our adapters it fuses) of ``model``'s LoRA layers."""
+    if style != "vit":
+        fam = family(style)
+        return group_lora(adapters_by_part(model), model.cfg, fam.hf_block, lambda i: f"{fam.hf_layers}.{i}.")
+    out = {}
+    for name, layer in lora_layers(model):
+        _, index, *rest = name.split(".")
+        for target in layer.slices:
+            a, b = layer.lora_a[target].detach().float(), layer.lora_b[target].detach().float()
+            out[_vit_module(index, ".".join(rest), target)] = (a, b, 1)
+    return out
+
+
 def peft_adapter(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(adapter_config.json's dict, adapter_model.safetensors' tensors) of ``model``'s LoRA layers."""
     style = _style(model)
     adapter = meta.get("adapter") or {}
     modules_to_save, tensors = _modules_to_save(model, style, also_trained(model, meta), meta)
     targets: set[str] = set()
-    fused: dict[str, int] = {}  # HF target_modules entry -> how many q/k/v adapters share it (GPT-2's c_attn)
-    rank = scale = None
-    for name, layer in lora_layers(model):
-        rank, scale = layer.rank, layer.scale
-        _, index, *rest = name.split(".")
-        module = ".".join(rest)
-        a = {t: layer.lora_a[t].detach().float() for t in layer.slices}
-        b = {t: layer.lora_b[t].detach().float() for t in layer.slices}
-        if style == "gpt2" and module == "attn.qkv":  # q/k/v of the fused c_attn: one block-diagonal LoRA
-            order = sorted(layer.slices, key=lambda t: layer.slices[t])
-            big_b = torch.zeros(layer.out_features, len(order) * rank)
-            for i, t in enumerate(order):
-                start, stop = layer.slices[t]
-                big_b[start:stop, i * rank : (i + 1) * rank] = b[t]
-            pieces = {order[0]: (torch.cat([a[t] for t in order]), big_b)}
-        else:
-            pieces = {t: (a[t], b[t]) for t in layer.slices}
-        for target, (ta, tb) in pieces.items():
-            hf = _hf_module(style, index, module, target)
-            # PEFT matches target_modules by name suffix: GPT-2's attn.c_proj and mlp.c_proj need their parent.
-            entry = hf.split(".", 3)[-1] if style == "gpt2" else hf.rsplit(".", 1)[-1]  # attn.c_attn | q_proj
-            targets.add(entry)
-            if ta.shape[0] != rank:
-                fused[entry] = ta.shape[0] // rank
-            tensors[f"{PREFIX}{hf}.lora_A.weight"] = ta.contiguous()
-            tensors[f"{PREFIX}{hf}.lora_B.weight"] = tb.contiguous()
+    fused: dict[str, int] = {}  # HF target_modules entry -> how many of our adapters share it (a fused tensor)
+    for hf, (a, b, n) in _hf_adapters(model, style).items():
+        # PEFT matches target_modules by name suffix: the module path inside a layer (self_attn.q_proj,
+        # mlp.c_proj) tells GPT-2's attn.c_proj and mlp.c_proj apart.
+        entry = (
+            hf.rsplit(".", 1)[-1] if style == "vit" else hf.removeprefix(f"{family(style).hf_layers}.").split(".", 1)[1]
+        )
+        targets.add(entry)
+        if n > 1:
+            fused[entry] = n
+        tensors[f"{PREFIX}{hf}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{hf}.lora_B.weight"] = b.contiguous()
+    layers = [layer for _, layer in lora_layers(model)]
+    rank, scale = (layers[0].rank, layers[0].scale) if layers else (None, None)
     if rank is None or scale is None:
         raise UserError("the model has no LoRA layers (it was trained without adapter=lora); export the model itself")
     rslora = bool(adapter.get("rslora", False))
@@ -197,7 +194,7 @@ def peft_adapter(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, Any]
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
-        "fan_in_fan_out": style == "gpt2",  # GPT-2's Conv1D stores (in, out)
+        "fan_in_fan_out": style != "vit" and bool(family(style).hf_transposed),  # GPT-2's Conv1D: (in, out)
         "modules_to_save": modules_to_save or None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -234,7 +231,7 @@ def export_peft(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     arch = meta["model_config"].get("arch")
     if arch not in ("gpt", "vit"):
         raise UserError(
-            f"PEFT adapter export is for LLMs (Llama, Qwen2, GPT-2) and ViT; this is a {arch} model: {MERGED_HINT}"
+            f"PEFT adapter export is for LLMs ({LLMS}) and ViT; this is a {arch} model: {MERGED_HINT}"
         )
     model, meta = load_model(ckpt, device="cpu")
     return write_peft_folder(model, meta, out_dir)

@@ -1,14 +1,18 @@
-"""A decoder-only transformer in two styles, built from the shared ``layers.Block``.
+"""One decoder-only transformer with feature switches, built from the shared ``layers.Block``; each LLM family
+(``models/families/<style>.py``: Llama, Qwen2/3, Gemma 2/3, Phi-3, Mistral, SmolLM3, GPT-2) is a set of those
+switches plus its name tables, never a branch here.
 
-- ``gpt2``: LayerNorm, learned positions (``pos_embd``), GELU MLP (``act``: the tanh approximation GPT-2 and
-  llama.cpp compute, or exact as nanoGPT's), biases everywhere (or, with ``bias=False``, nowhere: nanoGPT's
-  default), tied embeddings.
-- ``llama``: RMSNorm, rotate-half RoPE (optionally scaled: Llama 3.1's ``llama3``, ``linear``), SwiGLU MLP,
-  grouped-query attention, no biases (``attention_bias``: q/k/v/o biases, as HF Llama's option).
-- ``qwen2``: llama with biases on the q/k/v projections only (Qwen2/2.5).
+The switches (``GPTConfig``; unset ones take the family's ``defaults``): the norm (LayerNorm or RMSNorm, with
+Gemma's ``1 + w`` offset), learned positions (GPT-2) or rotate-half RoPE (optionally scaled: Llama 3.1's
+``llama3``, ``linear``; partial as Phi-4-mini's ``rope_dim``; a second base for sliding layers as Gemma 3's
+``rope_local_theta``; none on ``nope_layers`` as SmolLM3), a gated MLP (SwiGLU, GeGLU) or a plain GELU one,
+biases (all, q/k/v/o, or q/k/v only), q/k RMSNorm over each head (Qwen3, Gemma 3), embeddings scaled by
+sqrt(d_model) and norms after each branch (Gemma), soft-capped attention scores and final logits (Gemma 2),
+a query scale apart from the head size, and a per-layer attention pattern (``layer_types``: full or sliding
+window).
 
-Parameter names (``tok_embd``, ``pos_embd``, ``blocks.N.*``, ``norm_f``, ``lm_head``) are what the
-checkpoint stores and what ``abi_train.export.gguf_llm`` maps to llama.cpp's names.
+Parameter names (``tok_embd``, ``pos_embd``, ``blocks.N.*``, ``norm_f``, ``lm_head``) are what the checkpoint
+stores and what the family tables map to other programs' names.
 """
 
 from __future__ import annotations
@@ -23,16 +27,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from abi_train.errors import UserError
-from abi_train.models.layers import ROPE_SCALINGS, Block, KVCache, make_norm, rope_at, rope_cache, segment_mask
+from abi_train.models.families import family
+from abi_train.models.layers import (
+    ROPE_SCALINGS,
+    Block,
+    KVCache,
+    causal_mask,
+    make_norm,
+    rope_at,
+    rope_cache,
+    segment_mask,
+)
 
-STYLES = ("llama", "qwen2", "gpt2")
-GPT2_ACTS = ("gelu_tanh", "gelu")
-ROTARY_STYLES = ("llama", "qwen2")  # RMSNorm, RoPE, SwiGLU; no position table
+ACTS = ("silu", "gelu_tanh", "gelu")
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
+LAYER_TYPES = ("full", "sliding")
+MLP_KIND = {(True, "silu"): "swiglu", (True, "gelu"): "geglu", (True, "gelu_tanh"): "geglu_tanh"}
+MLP_KIND |= {(False, "gelu"): "gelu", (False, "gelu_tanh"): "gelu_tanh"}
 
 
 @dataclass
 class GPTConfig:
-    style: str = "llama"  # llama | qwen2 | gpt2
+    style: str = "llama"  # the family (models/families/<style>.py): its defaults fill the switches left unset
     vocab_size: int | None = None  # embedding rows; the LLM task fills null from the tokenizer
     context_length: int = 128  # longest sequence; sizes gpt2's position table and the RoPE cache
     n_layer: int = 2
@@ -40,20 +57,38 @@ class GPTConfig:
     n_kv_head: int | None = None  # key/value heads (GQA); None = n_head
     d_model: int = 64
     head_dim: int | None = None  # None: d_model / n_head
-    ffn_hidden: int | None = None  # None: gpt2 4*d; llama 8/3*d rounded up to a multiple of 64
+    ffn_hidden: int | None = None  # None: 4*d for a plain MLP; 8/3*d rounded up to a multiple of 64 gated
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0  # RoPE base (llama/qwen2 styles)
+    rope_theta: float = 10000.0  # RoPE base
     rope_scaling: dict[str, Any] | None = None  # {"type": "llama3" | "linear", "factor": ..., ...} (HF's keys)
-    attention_bias: bool = False  # llama style: biases on q/k/v/o (HF Llama's attention_bias)
+    attention_bias: bool = False  # biases on q/k/v/o (HF Llama's attention_bias)
     tie_embeddings: bool = True  # lm_head shares tok_embd's weight
-    bias: bool | None = None  # biases in linears and LayerNorms; None: the style's (gpt2 yes, llama no)
-    act: str = "gelu_tanh"  # gpt2 style's GELU: gelu_tanh (GPT-2, HF gelu_new, llama.cpp) | gelu (exact, nanoGPT)
+    bias: bool | None = None  # biases in every linear and LayerNorm (GPT-2); None: the family's
     dropout: float = 0.0
     name: str = "gpt"  # free text, written into GGUF's general.name
+    # --- switches; None: the family's default ---
+    norm: str | None = None  # rmsnorm | layernorm
+    norm_offset: bool | None = None  # RMSNorm scales by 1 + w (Gemma)
+    positions: str | None = None  # rope | learned (GPT-2's position table)
+    gated_mlp: bool | None = None  # down(act(gate(x)) * up(x)) (SwiGLU / GeGLU) or proj(act(fc(x)))
+    act: str | None = None  # the MLP's activation: silu | gelu_tanh (GPT-2, Gemma) | gelu (exact)
+    qkv_bias: bool | None = None  # biases on q/k/v alone (Qwen2)
+    qk_norm: bool | None = None  # RMSNorm over each head's queries and keys (Qwen3, Gemma 3)
+    embed_scale: bool | None = None  # embeddings times sqrt(d_model) (Gemma)
+    sandwich_norm: bool | None = None  # a norm after each branch too (Gemma 2/3)
+    attn_softcap: float | None = None  # scores -> c * tanh(s / c) (Gemma 2: 50)
+    final_softcap: float | None = None  # logits -> c * tanh(l / c) (Gemma 2: 30)
+    query_scale: float | None = None  # scores scaled by query_scale ** -0.5 (Gemma); None: head_dim
+    sliding_window: int | None = None  # the window of "sliding" layers (a token sees itself and window - 1 before)
+    layer_types: list[str] | None = None  # per layer: full | sliding; None: all sliding with a window, else full
+    nope_layers: list[int] | None = None  # layers without RoPE (SmolLM3)
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: as full ones
+    rope_dim: int | None = None  # rotated features per head (partial rotary, Phi-4-mini); None: head_dim
 
     def __post_init__(self) -> None:
-        if self.style not in STYLES:
-            raise UserError(f"model.style={self.style!r} is not valid; choose one of: {', '.join(STYLES)}")
+        for key, value in family(self.style).defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.vocab_size is None:
             raise UserError("model.vocab_size is null; the LLM task sets it from the tokenizer")
         for key in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
@@ -66,36 +101,72 @@ class GPTConfig:
                 f"and n_head by n_kv_head={self.n_kv_head}"
             )
         self.head_dim = self.head_dim or self.d_model // self.n_head
-        rotary = self.style in ROTARY_STYLES
-        if rotary and self.head_dim % 2:
-            raise UserError(f"model: RoPE needs an even head size, got head_dim={self.head_dim}")
-        if not rotary and (self.head_dim * self.n_head != self.d_model or self.rope_scaling or self.attention_bias):
-            raise UserError("model.head_dim, rope_scaling and attention_bias are for the llama and qwen2 styles")
+        self._check_switches()
+        self._check_positions()
+        self._check_layers()
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64) if self.gated_mlp else 4 * self.d_model
+
+    def _check_switches(self) -> None:
+        for key, valid in (("norm", NORMS), ("positions", POSITIONS), ("act", ACTS)):
+            if getattr(self, key) not in valid:
+                raise UserError(f"model.{key}={getattr(self, key)!r} is not valid; choose one of: {', '.join(valid)}")
+        if (self.gated_mlp, self.act) not in MLP_KIND:
+            raise UserError(
+                f"model.act={self.act!r} is not valid for a plain (gated_mlp=false) MLP; it takes gelu_tanh | gelu"
+            )
+        if self.bias is None:
+            self.bias = False
+        if self.bias and self.norm == "rmsnorm":
+            raise UserError(
+                f"model.bias=true is not supported for style={self.style} (RMSNorm has no bias; use attention_bias "
+                "or qkv_bias for q/k/v/o biases)"
+            )
+        for key in ("attn_softcap", "final_softcap", "query_scale"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise UserError(f"model.{key}={getattr(self, key)} must be positive (or null: off)")
+
+    def _check_positions(self) -> None:
+        if self.positions == "learned":
+            if self.head_dim * self.n_head != self.d_model or self.rope_scaling or self.nope_layers:
+                raise UserError(
+                    "model.head_dim, rope_scaling and nope_layers are for RoPE models (positions=rope), "
+                    f"not style={self.style}"
+                )
+            return
+        self.rope_dim = self.rope_dim or self.head_dim
+        if self.rope_dim % 2 or self.rope_dim > self.head_dim:
+            raise UserError(f"model.rope_dim={self.rope_dim} must be even and at most head_dim={self.head_dim}")
         kind = (self.rope_scaling or {}).get("type")
         if kind is not None and kind not in ROPE_SCALINGS:
             raise UserError(f"model.rope_scaling.type={kind!r} is not supported; valid: {', '.join(ROPE_SCALINGS)}")
-        if self.act not in GPT2_ACTS or (rotary and self.act != "gelu_tanh"):
+
+    def _check_layers(self) -> None:
+        if self.layer_types is None:
+            self.layer_types = ["sliding" if self.sliding_window else "full"] * self.n_layer
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.n_layer or any(t not in LAYER_TYPES for t in self.layer_types):
             raise UserError(
-                f"model.act={self.act!r} is not valid: the gpt2 style takes {' | '.join(GPT2_ACTS)}; "
-                f"llama and qwen2 use SwiGLU (leave model.act unset)"
+                f"model.layer_types={self.layer_types} must name one of {' | '.join(LAYER_TYPES)} for each of the "
+                f"{self.n_layer} layers"
             )
-        if self.bias is None:
-            self.bias = self.style == "gpt2"
-        elif self.bias and rotary:
-            raise UserError(
-                f"model.bias=true is not supported for style={self.style} (use attention_bias for q/k/v/o biases)"
-            )
-        if self.ffn_hidden is None:
-            self.ffn_hidden = 4 * self.d_model if self.style == "gpt2" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if "sliding" in self.layer_types and (self.sliding_window is None or self.sliding_window <= 0):
+            raise UserError("model.layer_types has sliding layers: set model.sliding_window to a positive window")
+        self.nope_layers = sorted(set(self.nope_layers or ())) or None
+        if self.nope_layers and not all(0 <= i < self.n_layer for i in self.nope_layers):
+            raise UserError(f"model.nope_layers={self.nope_layers} must be layer indices below n_layer={self.n_layer}")
+
+    @property
+    def mlp_kind(self) -> str:
+        return MLP_KIND[(self.gated_mlp, self.act)]
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        llama = cfg.style in ROTARY_STYLES
         self.tok_embd = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if not llama:
+        if cfg.positions == "learned":
             self.pos_embd = nn.Embedding(cfg.context_length, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
@@ -104,24 +175,34 @@ class GPT(nn.Module):
                 cfg.n_head,
                 cfg.ffn_hidden,
                 n_kv_head=cfg.n_kv_head,
-                norm="rmsnorm" if llama else "layernorm",
+                norm=cfg.norm,
                 norm_eps=cfg.norm_eps,
-                mlp="swiglu" if llama else cfg.act,
+                mlp=cfg.mlp_kind,
                 bias=cfg.bias,
                 dropout=cfg.dropout,
                 head_dim=cfg.head_dim,
-                qkv_bias=cfg.bias or cfg.attention_bias or cfg.style == "qwen2",
+                qkv_bias=cfg.bias or cfg.attention_bias or cfg.qkv_bias,
                 proj_bias=cfg.bias or cfg.attention_bias,
+                norm_offset=cfg.norm_offset,
+                sandwich=cfg.sandwich_norm,
+                qk_norm=cfg.qk_norm,
+                scale=cfg.query_scale**-0.5 if cfg.query_scale else None,
+                softcap=cfg.attn_softcap,
             )
             for _ in range(cfg.n_layer)
         )
-        self.norm_f = make_norm("rmsnorm" if llama else "layernorm", cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embd.weight
         # Recomputed on load (non-persistent), so checkpoints hold weights only.
-        rope = rope_cache(cfg.context_length, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if llama else None
+        rope = local = None
+        if cfg.positions == "rope":
+            rope = rope_cache(cfg.context_length, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+            if cfg.rope_local_theta is not None:
+                local = rope_cache(cfg.context_length, cfg.rope_dim, cfg.rope_local_theta)
         self.register_buffer("rope", rope, persistent=False)
+        self.register_buffer("rope_local", local, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2*n_layer) so the residual stream's
         # variance does not grow with depth.
@@ -154,11 +235,12 @@ class GPT(nn.Module):
 
         N = parameters that take part in matmuls (blocks + lm_head; embedding lookups are free),
         6 = 2 forward + 4 backward per parameter; 12*L*d*T counts attention scores and the
-        weighted sum of values over a full context T = context_length.
+        weighted sum of values over a full context T = context_length (a sliding layer's: its window).
         """
         c = self.cfg
         n = sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
-        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.context_length
+        seen = [min(c.sliding_window, c.context_length) if t == "sliding" else c.context_length for t in c.layer_types]
+        return 6 * n + 12 * c.n_head * c.head_dim * sum(seen)
 
     def forward(
         self,
@@ -179,29 +261,63 @@ class GPT(nn.Module):
         ``labelled_only`` (with targets): the lm_head and the loss run only where the target is not -100 (SFT
         labels a fraction of the tokens, and the lm_head is most of a small model's cost); that gather has a
         data-dependent shape (a graph break under torch.compile, a host sync on GPU)."""
-        start = caches[0].length if caches else 0
-        end = start + idx.shape[1]
-        if end > self.cfg.context_length:
-            raise ValueError(f"sequence length {end} exceeds context_length {self.cfg.context_length}")
-        x = self.tok_embd(idx)
-        rope = self.rope
-        if positions is not None:
-            rope = rope_at(rope, positions) if rope is not None else None
-        if self.rope is None:
-            x = x + self.pos_embd(torch.arange(start, end, device=idx.device) if positions is None else positions)
-        mask = segment_mask(segments) if segments is not None else None
-        x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, caches[i] if caches else None, mask)
+        x = self.hidden(idx, caches, positions, segments)
         if targets is not None and labelled_only:
             keep = targets != -100
-            return F.cross_entropy(self.lm_head(self.norm_f(x[keep])), targets[keep])
-        logits = self.lm_head(self.norm_f(x))
+            return F.cross_entropy(self.logits(x[keep]), targets[keep])
+        logits = self.logits(x)
         if targets is None:
             return logits
         # No explicit .float(): under autocast cross_entropy upcasts internally, so no second full
         # fp32 copy of the (B*T, V) logits is kept alive by us.
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last block's output (B, T, d_model), before the final norm (see ``forward``)."""
+        c = self.cfg
+        start = caches[0].length if caches else 0
+        end = start + idx.shape[1]
+        if end > c.context_length:
+            raise ValueError(f"sequence length {end} exceeds context_length {c.context_length}")
+        x = self.tok_embd(idx)
+        if c.embed_scale:
+            x = x * torch.tensor(c.d_model**0.5, dtype=x.dtype)  # in the activations' dtype, as Gemma rounds it
+        tables = {"full": self.rope, "sliding": self.rope_local if self.rope_local is not None else self.rope}
+        if positions is not None and self.rope is not None:
+            tables = {kind: rope_at(t, positions) for kind, t in tables.items()}
+        if self.rope is None:
+            x = x + self.pos_embd(torch.arange(start, end, device=idx.device) if positions is None else positions)
+        masks = self._masks(idx.shape[1], end, segments, idx.device)
+        x = self.drop(x)
+        nope = set(c.nope_layers or ())
+        for i, (block, kind) in enumerate(zip(self.blocks, c.layer_types, strict=True)):
+            x = block(x, None if i in nope else tables[kind], caches[i] if caches else None, masks[kind])
+        return x
+
+    def _masks(
+        self, queries: int, keys: int, segments: torch.Tensor | None, device: torch.device
+    ) -> dict[str, torch.Tensor | None]:
+        """The attention mask of full and sliding layers (None: plain causal, SDPA's own)."""
+        window = self.cfg.sliding_window if "sliding" in self.cfg.layer_types else None
+        if segments is not None:
+            full = segment_mask(segments)
+            sliding = segment_mask(segments, window) if window and keys > window else full
+            return {"full": full, "sliding": sliding}
+        full = causal_mask(queries, keys, device=device) if 1 < queries < keys else None  # a cache filled further
+        sliding = causal_mask(queries, keys, window, device) if window and keys > window else full
+        return {"full": full, "sliding": sliding}
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of hidden states ``h`` (any leading shape): final norm, lm_head, the soft-cap."""
+        logits = self.lm_head(self.norm_f(h))
+        cap = self.cfg.final_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     @torch.no_grad()
     def stream(

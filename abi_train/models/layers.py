@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,22 +27,26 @@ ATTENTION_KERNELS = {
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    """RMSNorm scaled by ``weight``, or by ``1 + weight`` with ``offset`` (Gemma's form, whose stored weight
+    starts at zero)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, offset: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The weight follows x (bf16 under trainer.bf16_residual): mixed dtypes miss the fused kernel.
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        weight = 1.0 + self.weight.float() if self.offset else self.weight
+        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), self.eps)
 
 
-def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
-    """LayerNorm (with a bias unless ``bias`` is false) or RMSNorm (never a bias)."""
+def make_norm(kind: str, dim: int, eps: float, bias: bool = True, offset: bool = False) -> nn.Module:
+    """LayerNorm (with a bias unless ``bias`` is false) or RMSNorm (never a bias; ``offset``: scaled by 1 + w)."""
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps, bias=bias)
     if kind == "rmsnorm":
-        return RMSNorm(dim, eps)
+        return RMSNorm(dim, eps, offset)
     raise ValueError(f"unknown norm {kind!r}; valid: layernorm, rmsnorm")
 
 
@@ -85,12 +91,16 @@ def rope_cache(
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) queries or keys by the first T positions of ``cache`` (2, T', D), or by a table
-    already taken at each token's own position (2, B, 1, T, D; packed sequences, see ``rope_at``)."""
+    """Rotate (B, H, T, D) queries or keys by the first T positions of ``cache`` (2, T', R), or by a table
+    already taken at each token's own position (2, B, 1, T, R; packed sequences, see ``rope_at``). A table
+    narrower than the head (R < D, partial rotary as Phi-3/4) rotates the first R features and passes the rest."""
     if cache.ndim == 5:
         cos, sin = cache[0].to(x.dtype), cache[1].to(x.dtype)
     else:
         cos, sin = cache[0, : x.shape[-2]].to(x.dtype), cache[1, : x.shape[-2]].to(x.dtype)
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rotary], cache), x[..., rotary:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -100,12 +110,21 @@ def rope_at(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return cache[:, positions].unsqueeze(2)
 
 
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+def segment_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Boolean (B, 1, T, T) attention mask of packed rows: a token sees the earlier tokens (and itself) of its
-    own segment only. ``segments`` (B, T) holds one id per packed sequence (padding: an id of its own)."""
+    own segment only (and, with ``window``, only the last ``window`` of them). ``segments`` (B, T) holds one id
+    per packed sequence (padding: an id of its own)."""
     t = segments.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
-    return ((segments[:, :, None] == segments[:, None, :]) & causal).unsqueeze(1)
+    return (segments[:, :, None] == segments[:, None, :]).unsqueeze(1) & causal_mask(t, t, window, segments.device)
+
+
+def causal_mask(queries: int, keys: int, window: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (queries, keys) mask of the last ``queries`` positions of ``keys``: each sees itself and the
+    positions before it, with ``window`` only the last ``window`` (itself included), as HF and llama.cpp count."""
+    q = torch.arange(keys - queries, keys, device=device)[:, None]
+    k = torch.arange(keys, device=device)[None, :]
+    allowed = k <= q
+    return allowed & (q - k < window) if window is not None else allowed
 
 
 class KVCache:
@@ -130,7 +149,11 @@ class Attention(nn.Module):
     """Multi-head attention with one fused QKV projection; grouped-query when n_kv_head < n_head.
 
     ``head_dim`` defaults to d_model / n_head (some models set it apart, e.g. Gemma); ``qkv_bias`` and
-    ``proj_bias`` default to ``bias`` (Qwen2 has biases on q/k/v only).
+    ``proj_bias`` default to ``bias`` (Qwen2 has biases on q/k/v only). ``qk_norm``: an RMSNorm over each
+    head's queries and keys before RoPE (Qwen3, Gemma 3; ``norm_offset``: Gemma's 1 + w). ``scale``: the
+    score scale (default 1/sqrt(head_dim); Gemma's query_pre_attn_scalar). ``softcap``: scores pass through
+    softcap * tanh(s / softcap) before the softmax (Gemma 2), which SDPA cannot express: those layers compute
+    attention themselves.
     """
 
     def __init__(
@@ -144,18 +167,26 @@ class Attention(nn.Module):
         head_dim: int | None = None,
         qkv_bias: bool | None = None,
         proj_bias: bool | None = None,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+        norm_offset: bool = False,
+        scale: float | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         n_kv_head = n_kv_head or n_head
         if (head_dim is None and d_model % n_head) or n_head % n_kv_head:
             raise ValueError(f"d_model={d_model}, n_head={n_head}, n_kv_head={n_kv_head} do not divide")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim or d_model // n_head
-        self.causal, self.dropout = causal, dropout
+        self.causal, self.dropout, self.scale, self.softcap = causal, dropout, scale, softcap
         self.kernels: list[SDPBackend] | None = None  # None: PyTorch picks; see pin_attention_kernel
         # Rows: [q (n_head*hd) | k (n_kv_head*hd) | v (n_kv_head*hd)]
         qkv_bias = bias if qkv_bias is None else qkv_bias
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias if proj_bias is None else proj_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, norm_eps, norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, norm_eps, norm_offset)
 
     def forward(
         self,
@@ -164,44 +195,69 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``mask`` (boolean, broadcast to (B, H, T, T), True = attend; e.g. ``segment_mask``) replaces the
-        causal mask; ``rope`` is then usually the per-token table of ``rope_at``."""
+        """``mask`` (boolean, broadcast to (B, H, T, T_keys), True = attend; e.g. ``segment_mask`` or a sliding
+        window's ``causal_mask``) replaces the causal mask; ``rope`` is then usually the per-token table of
+        ``rope_at``. With a filled ``cache``, ``x`` holds the next token(s) and sees every cached position unless
+        ``mask`` says otherwise."""
         start = 0 if cache is None else cache.length  # positions already in the cache
-        if start and x.shape[1] > 1 and self.causal:
+        if start and x.shape[1] > 1 and self.causal and mask is None:
             raise ValueError("a filled KV cache is extended one token at a time")
-        if mask is not None and cache is not None:
-            raise ValueError("an attention mask is for whole (packed) sequences, not for KV-cached decoding")
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
         # Heads out of the feature dim, in front of time: SDPA's (B, H, T, D). einops compiles to the same
         # view + transpose (no graph break); in eager mode it adds ~8 us per call on the host.
         q, k, v = (rearrange(t, "b t (h d) -> b h t d", d=self.head_dim) for t in (q, k, v))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             table = rope if rope.ndim == 5 else rope[:, start:]
             q, k = apply_rope(q, table), apply_rope(k, table)
         if cache is not None:
             k, v = cache.extend(k, v)
-        # The pin sits inside forward so torch.compile traces it (a context around the compiled call is not
-        # seen by the graph).
-        with sdpa_kernel(self.kernels) if self.kernels else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=self.causal and not start and mask is None,  # one new token sees every cached position
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_head != self.n_head,
-            )
+        causal = self.causal and not start and mask is None  # one new token sees every cached position
+        if self.softcap is not None:
+            y = self._capped_attention(q, k, v, mask, causal)
+        else:
+            # The pin sits inside forward so torch.compile traces it (a context around the compiled call is not
+            # seen by the graph).
+            with sdpa_kernel(self.kernels) if self.kernels else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=causal,
+                    dropout_p=self.dropout if self.training else 0.0,
+                    scale=self.scale,
+                    enable_gqa=self.n_kv_head != self.n_head,
+                )
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
+    def _capped_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        """Soft-capped scores (Gemma 2), softmax in fp32."""
+        groups = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scale = self.scale if self.scale is not None else self.head_dim**-0.5
+        scores = (q @ k.transpose(-2, -1)).float() * scale
+        scores = self.softcap * torch.tanh(scores / self.softcap)
+        if causal:
+            mask = causal_mask(q.shape[2], k.shape[2], device=q.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = F.dropout(scores.softmax(dim=-1), self.dropout if self.training else 0.0)
+        return weights.to(v.dtype) @ v
 
-MLP_KINDS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")
+
+MLP_KINDS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu", "geglu", "geglu_tanh")
+GATED_MLPS = {"swiglu": F.silu, "geglu": F.gelu, "geglu_tanh": partial(F.gelu, approximate="tanh")}
 
 
 class MLP(nn.Module):
-    """GELU MLP (``fc`` -> GELU -> ``proj``) or SwiGLU (``down(silu(gate(x)) * up(x))``).
+    """GELU MLP (``fc`` -> GELU -> ``proj``) or a gated one (``down(act(gate(x)) * up(x))``: SwiGLU with SiLU,
+    GeGLU with the exact or tanh GELU, as Gemma).
 
     GELU comes exact (``gelu``), in the tanh form (``gelu_tanh``, GPT-2) or as OpenAI CLIP's
     ``quick_gelu``, x * sigmoid(1.702 x)."""
@@ -211,7 +267,7 @@ class MLP(nn.Module):
         if kind not in MLP_KINDS:
             raise ValueError(f"unknown mlp {kind!r}; valid: {', '.join(MLP_KINDS)}")
         self.kind = kind
-        if kind == "swiglu":
+        if self.gated:
             self.gate = nn.Linear(d_model, hidden, bias=bias)
             self.up = nn.Linear(d_model, hidden, bias=bias)
             self.down = nn.Linear(hidden, d_model, bias=bias)
@@ -219,9 +275,13 @@ class MLP(nn.Module):
             self.fc = nn.Linear(d_model, hidden, bias=bias)
             self.proj = nn.Linear(hidden, d_model, bias=bias)
 
+    @property
+    def gated(self) -> bool:
+        return self.kind in GATED_MLPS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "swiglu":
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.gated:
+            return self.down(GATED_MLPS[self.kind](self.gate(x)) * self.up(x))
         h = self.fc(x)
         if self.kind == "quick_gelu":
             return self.proj(h * torch.sigmoid(1.702 * h))
@@ -243,7 +303,9 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)). With ``sandwich`` (Gemma 2/3)
+    each branch's output is normed again before it joins the residual stream (``post_attn_norm``,
+    ``post_mlp_norm``). ``attention`` holds the options of ``Attention`` beyond the shared ones."""
 
     def __init__(
         self,
@@ -262,14 +324,31 @@ class Block(nn.Module):
         qkv_bias: bool | None = None,
         proj_bias: bool | None = None,
         mlp_bias: bool | None = None,
+        norm_offset: bool = False,
+        sandwich: bool = False,
+        **attention: Any,
     ) -> None:
         super().__init__()
-        self.norm1 = make_norm(norm, d_model, norm_eps, bias)
+        self.norm1 = make_norm(norm, d_model, norm_eps, bias, norm_offset)
         self.attn = Attention(
-            d_model, n_head, n_kv_head, bias, causal, dropout, head_dim=head_dim, qkv_bias=qkv_bias, proj_bias=proj_bias
+            d_model,
+            n_head,
+            n_kv_head,
+            bias,
+            causal,
+            dropout,
+            head_dim=head_dim,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            norm_eps=norm_eps,
+            norm_offset=norm_offset,
+            **attention,
         )
-        self.norm2 = make_norm(norm, d_model, norm_eps, bias)
+        self.norm2 = make_norm(norm, d_model, norm_eps, bias, norm_offset)
         self.mlp = MLP(d_model, ffn_hidden, kind=mlp, bias=bias if mlp_bias is None else mlp_bias)
+        if sandwich:
+            self.post_attn_norm = make_norm(norm, d_model, norm_eps, bias, norm_offset)
+            self.post_mlp_norm = make_norm(norm, d_model, norm_eps, bias, norm_offset)
         self.resid_dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
@@ -280,8 +359,14 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop_path(self.resid_dropout(self.attn(self.norm1(x), rope, cache, mask)))
-        return x + self.drop_path(self.resid_dropout(self.mlp(self.norm2(x))))
+        h = self.attn(self.norm1(x), rope, cache, mask)
+        if hasattr(self, "post_attn_norm"):
+            h = self.post_attn_norm(h)
+        x = x + self.drop_path(self.resid_dropout(h))
+        h = self.mlp(self.norm2(x))
+        if hasattr(self, "post_mlp_norm"):
+            h = self.post_mlp_norm(h)
+        return x + self.drop_path(self.resid_dropout(h))
 
 
 def pin_attention_kernel(model: nn.Module, kind: str) -> None:
