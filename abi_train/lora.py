@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from abi_train.errors import UserError
-from abi_train.models.layers import MLP, Attention
+from abi_train.models.layers import LORA_TARGETS, MLP, Attention
 from abi_train.models.qkv import LORA_PARTS
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = LORA_TARGETS
 TARGET_GROUPS = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"), "all": TARGETS}
 
 
@@ -176,29 +176,11 @@ class LoRALinear(nn.Linear):
         return out
 
 
-def _candidates(module: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
-    """target -> (child linear's name, {target: row slice}) that ``module`` (an Attention or MLP) offers."""
-    if isinstance(module, Attention):
-        q, kv = module.n_head * module.head_dim, module.n_kv_head * module.head_dim
-        rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
-        return {**{t: ("qkv", {t: r}) for t, r in rows.items()}, "o": ("proj", {"o": (0, module.proj.out_features)})}
-    if isinstance(module, MLP):
-        names = {"gate": "gate", "up": "up", "down": "down"} if module.gated else {"up": "fc", "down": "proj"}
-        return {t: (child, {t: (0, getattr(module, child).out_features)}) for t, child in names.items()}
-    return {}
-
-
-def available_targets(model: nn.Module) -> list[str]:
-    """The LoRA targets this model has, in TARGETS order."""
-    found = {t for m in model.modules() for t in _candidates(m)}
-    return [t for t in TARGETS if t in found]
-
-
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Freeze ``model`` and add LoRA updates to the targeted layers, in place; returns the adapted layers'
     names. A target the model lacks (e.g. ``gate`` on GPT-2) is a UserError listing the ones it has."""
     wanted = cfg.target_names()
-    have = available_targets(model)
+    have = model.lora_targets()
     missing = [t for t in cfg.targets if t in TARGETS and t not in have]  # groups take what the model has
     if missing:
         raise UserError(
@@ -209,7 +191,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     adapted = []
     for name, module in list(model.named_modules()):
         by_child: dict[str, dict[str, tuple[int, int]]] = {}
-        for target, (child, rows) in _candidates(module).items():
+        offered = module.lora_slices() if isinstance(module, (Attention, MLP)) else {}
+        for target, (child, rows) in offered.items():
             if target in wanted:
                 by_child.setdefault(child, {}).update(rows)
         for child, slices in by_child.items():

@@ -8,14 +8,42 @@ same way, whatever objective trained it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
 from abi_train.errors import UserError
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the trainer, the transforms (freeze, LoRA), FSDP2 and the exporters read of every model."""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Plain kwargs, ``arch`` included, that rebuild the model through ``build_model``."""
+        ...
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        """The repeated transformer blocks (what FSDP2 shards one by one)."""
+        ...
+
+    def flops_per_item(self) -> float:
+        """Training FLOPs per item (a token, an image, an image-text pair), for MFU."""
+        ...
+
+    def lora_targets(self) -> list[str]:
+        """The LoRA targets (``q k v o gate up down``) its layers offer."""
+        ...
+
+    def freeze_groups(self) -> dict[str, list[str]]:
+        """Named fnmatch patterns of parameters ``trainer.freeze`` accepts by name."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +102,7 @@ def model_spec(arch: str | None) -> ModelSpec:
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """Build a model from plain kwargs; ``config["arch"]`` picks the builder."""
+    """Build a model from plain kwargs; ``config["arch"]`` picks the builder. Every model is a ``Model``."""
     kwargs = dict(config)
     module, fn = model_spec(kwargs.pop("arch", None)).builder.split(":")
     return getattr(import_module(module), fn)(**kwargs)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abi_train.errors import UserError
-from abi_train.models.layers import Block
+from abi_train.models.layers import Block, lora_targets
 from abi_train.models.vit import VisionTransformer, adapt_tower, tower_layer_id, tower_patterns
 
 MAX_LOGIT_SCALE = math.log(100.0)  # exp(logit_scale) is clamped to at most 100, as in CLIP
@@ -144,6 +144,14 @@ class CLIP(nn.Module):
                 nn.init.zeros_(b)
         nn.init.normal_(self.text_projection.weight, std=width**-0.5)
         nn.init.normal_(self.visual_projection.weight, std=self.config["vision_width"] ** -0.5)
+
+    def lora_targets(self) -> list[str]:
+        return lora_targets(self)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Both towers' blocks, image first (what FSDP2 shards and activation checkpointing wraps)."""
+        return [*self.vision.blocks, *self.text.blocks]
 
     def freeze_groups(self) -> dict[str, list[str]]:
         """Named fnmatch patterns for ``trainer.freeze`` (and the towers ``lock_image`` / ``lock_text`` lock):

@@ -33,6 +33,7 @@ from abi_train.models.layers import (
     Block,
     KVCache,
     causal_mask,
+    lora_targets,
     make_norm,
     rope_at,
     rope_cache,
@@ -221,6 +222,14 @@ class GPT(nn.Module):
     def config(self) -> dict[str, Any]:
         """Plain kwargs that rebuild this model through ``abi_train.models.build_model``."""
         return {"arch": "gpt", **asdict(self.cfg)}
+
+    def lora_targets(self) -> list[str]:
+        return lora_targets(self)
+
+    def freeze_groups(self) -> dict[str, list[str]]:
+        """Named fnmatch patterns for ``trainer.freeze``: ``embeddings`` (token and position tables; a tied head
+        is the same tensor), ``blocks``, ``head`` (final norm and an untied lm_head)."""
+        return {"embeddings": ["tok_embd.*", "pos_embd.*"], "blocks": ["blocks.*"], "head": ["norm_f.*", "lm_head.*"]}
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied lm_head counts once); optionally without the embedding tables."""

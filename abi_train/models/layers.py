@@ -234,6 +234,12 @@ class Attention(nn.Module):
                 )
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
+    def lora_slices(self) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
+        """LoRA target -> (child linear, {target: its rows}): q, k, v are row slices of the fused ``qkv``."""
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+        return {**{t: ("qkv", {t: r}) for t, r in rows.items()}, "o": ("proj", {"o": (0, self.proj.out_features)})}
+
     def _capped_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
     ) -> torch.Tensor:
@@ -278,6 +284,11 @@ class MLP(nn.Module):
     @property
     def gated(self) -> bool:
         return self.kind in GATED_MLPS
+
+    def lora_slices(self) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
+        """LoRA target -> (child linear, {target: all its rows}); a GELU MLP's fc / proj answer to up / down."""
+        names = {"gate": "gate", "up": "up", "down": "down"} if self.gated else {"up": "fc", "down": "proj"}
+        return {t: (child, {t: (0, getattr(self, child).out_features)}) for t, child in names.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -367,6 +378,15 @@ class Block(nn.Module):
         if hasattr(self, "post_mlp_norm"):
             h = self.post_mlp_norm(h)
         return x + self.drop_path(self.resid_dropout(h))
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """The LoRA targets ``model``'s attention and MLP layers offer, in LORA_TARGETS order."""
+    found = {t for m in model.modules() if isinstance(m, (Attention, MLP)) for t in m.lora_slices()}
+    return [t for t in LORA_TARGETS if t in found]
 
 
 def pin_attention_kernel(model: nn.Module, kind: str) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abi_train.errors import UserError
-from abi_train.models.layers import Block
+from abi_train.models.layers import Block, lora_targets
 
 GELUS = ("gelu", "gelu_tanh", "quick_gelu")
 
@@ -153,6 +153,9 @@ class VisionTransformer(nn.Module):
     def layer_id(self, name: str) -> tuple[int, int]:
         """(layer, number of layers) of parameter ``name`` for layer-wise lr decay: see ``tower_layer_id``."""
         return tower_layer_id(name, self.config["depth"])
+
+    def lora_targets(self) -> list[str]:
+        return lora_targets(self)
 
     def freeze_groups(self) -> dict[str, list[str]]:
         """Named fnmatch patterns for ``trainer.freeze``: ``backbone`` is every parameter but the head's

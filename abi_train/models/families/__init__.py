@@ -67,6 +67,7 @@ class Family:
     def refusal(self, cfg: GPTConfig, fmt: str) -> str | None:
         return self.refuses(cfg, fmt) if self.refuses else None
 
+
 @cache
 def families() -> dict[str, Family]:
     """Every family file of this package, by name."""
