@@ -193,11 +193,12 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tupl
         raise UserError(f"checkpoint {str(ckpt_dir)!r} has an invalid model_config: {e}") from None
     model.to(device)
     if meta.get("adapter"):
-        from abi_train.lora import LoRAConfig, apply_lora
         from abi_train.weights import load_adapter_base
 
         load_adapter_base(model, meta["adapter"]["base"], str(ckpt_dir))
-        apply_lora(model, LoRAConfig.from_dict(meta["adapter"]))
+    from abi_train.transforms import Transforms, apply
+
+    apply(model, Transforms.of_checkpoint(meta))
     load_weights(model, ckpt_dir)
     return model.eval(), meta
 

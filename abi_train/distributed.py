@@ -16,13 +16,16 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from abi_train.errors import UserError
+
+if TYPE_CHECKING:
+    from abi_train.transforms import Transforms
 
 T = TypeVar("T")
 
@@ -428,21 +431,19 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def full_model(model: nn.Module) -> nn.Module | None:
+def full_model(model: nn.Module, transforms: Transforms) -> nn.Module | None:
     """``model`` with whole weights, for rank-0 work such as export: itself unless FSDP2 sharded it, else
-    (collective: every rank calls it) a rebuilt copy on CPU for rank 0 and None for the other ranks."""
+    (collective: every rank calls it) a copy rebuilt on CPU with the run's ``transforms`` for rank 0, and None
+    for the other ranks."""
     if not _is_fsdp(model):
         return model
     state = full_state_dict(model)
     if not state:
         return None
     from abi_train.models import build_model
+    from abi_train.transforms import apply
 
-    whole = build_model(model.config)
-    if getattr(model, "lora_config", None) is not None:
-        from abi_train.lora import apply_lora
-
-        apply_lora(whole, model.lora_config)
+    whole = apply(build_model(model.config), transforms)
     whole.load_state_dict(state)
     return whole.train(model.training)
 

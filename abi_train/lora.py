@@ -202,7 +202,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         raise UserError(f"adapter.targets={list(cfg.targets)} matches no layer of this model; it has: {' '.join(have)}")
     if cfg.also_train:
         set_trainable(model, cfg.also_train, "adapter.also_train", True)
-    model.lora_config = cfg  # how to rebuild it (distributed.full_model, checkpoints)
     return adapted
 
 
@@ -240,7 +239,6 @@ def merged(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(out)):
         parent_name, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, child, layer.merged())
-    out.__dict__.pop("lora_config", None)  # a plain model now
     return out
 
 

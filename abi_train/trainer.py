@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from abi_train import checkpoint as ckpt
+from abi_train import transforms
 from abi_train.data.prefetch import DevicePrefetcher
 from abi_train.data.sampler import GlobalBatchSampler
 from abi_train.distributed import (
@@ -41,12 +42,13 @@ from abi_train.distributed import (
     wrap_model,
 )
 from abi_train.errors import UserError
-from abi_train.lora import adapter_config, apply_lora, freeze, trainable_state
+from abi_train.lora import trainable_state
 from abi_train.metrics import MetricsLogger, Progress, peak_flops
 from abi_train.models import build_model
 from abi_train.models.layers import ATTENTION_KERNELS, pin_attention_kernel
 from abi_train.optim import build_optimizer, build_scheduler
 from abi_train.tasks.base import EvalResult, Task
+from abi_train.transforms import Transforms
 from abi_train.utils import pick_device, rng_state, seed_everything, set_rng_state
 from abi_train.weights import base_identity, load_pretrained, load_pretrained_weights
 
@@ -207,7 +209,11 @@ RESUME_MODES = "true | false | auto"
 class Trainer:
     """``Trainer(cfg, task, run_dir, dist).fit()``: checks the trainer config at construction; ``setup``
     builds everything (also used alone by the bench); ``train_step`` is one optimizer step; ``fit`` runs
-    the loop with logging, evaluation, checkpoints and the end-of-run export."""
+    the loop with logging, evaluation, checkpoints and the end-of-run export.
+
+    Two handles on one model: ``model`` is what the train step calls (DDP or FSDP2, then torch.compile);
+    ``raw_model`` is the module itself, which everything else uses: evaluation and sampling (never compiled),
+    the optimizer, the task's hooks, checkpoints and export."""
 
     def __init__(self, cfg: DictConfig, task: Task, run_dir: Path, dist: DistInfo) -> None:
         self.cfg, self.task, self.run_dir, self.dist = cfg, task, Path(run_dir), dist
@@ -250,7 +256,8 @@ class Trainer:
         # On resume the source still gives the shape and inputs (the same command resumes); its weights
         # are read only under an adapter (the checkpoint holds the adapter alone).
         pretrained = load_pretrained(cfg.init_from) if cfg.init_from else None
-        self.adapter = adapter_config(cfg.get("adapter"))
+        self.transforms = Transforms.of_run(cfg)
+        self.adapter = self.transforms.adapter
         self.base = None  # what an adapter checkpoint records of its base
         if self.adapter is not None and not random_base:
             if pretrained is None:
@@ -275,16 +282,14 @@ class Trainer:
         self.raw_model = raw
         self._setup_optimization()
         if cfg.trainer.compile:
+            # Only the train step calls this wrapper; evaluation and sampling use raw_model (see evaluate).
             self.model = torch.compile(self.model)
         self.batches = self._batches()
 
     def _make_trainable(self, raw: torch.nn.Module) -> None:
         """trainer.freeze, then the adapter (which freezes the rest): before the wrapping and the optimizer, which
         take only what still needs gradients."""
-        if self.cfg.trainer.freeze:
-            freeze(raw, list(self.cfg.trainer.freeze))
-        if self.adapter is not None:
-            apply_lora(raw, self.adapter)
+        transforms.apply(raw, self.transforms)
 
     def _resume_point(self) -> Path | None:
         """The checkpoint to continue from: resume=true needs one, resume=auto takes one when there is one
@@ -591,7 +596,7 @@ class Trainer:
         self.progress.close()
         self.task.close()
         if cfg.export.gguf:
-            whole = full_model(self.raw_model)  # every rank: FSDP gathers the sharded weights
+            whole = full_model(self.raw_model, self.transforms)  # every rank: FSDP gathers the sharded weights
             if self.dist.is_main:
                 from abi_train.export import export_gguf
 
@@ -619,10 +624,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
-        """The task's evaluation of the current model in eval mode, under the run's autocast."""
-        self.model.eval()
+        """The task's evaluation of the current model in eval mode, under the run's autocast.
+
+        It runs on ``raw_model``, never on the compiled wrapper: validation batches, prompts and one-token decode
+        steps have other shapes than the train step, and eval mode and no_grad change the compiled graphs' guards,
+        so each would compile anew (with graph breaks at data-dependent gathers such as SFT's labelled tokens),
+        slower than eager. Without gradients DDP's wrapper adds nothing; under FSDP2 raw_model is the sharded
+        module itself (each forward gathers its weights)."""
+        model = self.raw_model
+        model.eval()
         try:
             with self.autocast():
-                return self.task.evaluate(self.model, self.device)
+                return self.task.evaluate(model, self.device)
         finally:
-            self.model.train()
+            model.train()

@@ -253,14 +253,17 @@ def test_clip_and_also_train_are_refused(tmp_path):
     meta = {"family": "vit", "adapter": LoRAConfig(rank=2).to_dict()}
     with pytest.raises(UserError, match="llama.cpp LoRA adapters are for LLMs; this is a vit model"):
         export_gguf_lora(vit, meta, tmp_path / "a.gguf")
-    vit = build_model(vit.config)
-    apply_lora(vit, LoRAConfig(rank=2, also_train=("class_embd",)))
-    with pytest.raises(UserError, match="the class token or position embedding"):
-        peft_adapter(vit, meta)
-    vit = build_model(vit.config)
-    apply_lora(vit, LoRAConfig(rank=2, targets=("o",), also_train=("blocks.0.attn.qkv.*",)))
-    with pytest.raises(UserError, match="trains the fused blocks.0.attn.qkv, which HF's ViT splits"):
-        peft_adapter(vit, meta)
+    for cfg, message in (
+        (LoRAConfig(rank=2, also_train=("class_embd",)), "the class token or position embedding"),
+        (
+            LoRAConfig(rank=2, targets=("o",), also_train=("blocks.0.attn.qkv.*",)),
+            "trains the fused blocks.0.attn.qkv, which HF's ViT splits",
+        ),
+    ):
+        vit = build_model(vit.config)
+        apply_lora(vit, cfg)
+        with pytest.raises(UserError, match=message):
+            peft_adapter(vit, {"family": "vit", "adapter": cfg.to_dict()})
     clip = dict(arch="clip", vocab_size=50, eot_id=3, embed_dim=8, image_size=16, patch_size=8, vision_width=16)
     clip = build_model(clip | dict(vision_layers=1, vision_heads=2, context_length=8, text_width=16, text_layers=1))
     apply_lora(clip, LoRAConfig(rank=2))

@@ -42,7 +42,10 @@ def unexportable(model: nn.Module, meta: dict[str, Any]) -> str | None:
     arch = model.config.get("arch")
     if arch != "gpt":
         return f"llama.cpp LoRA adapters are for LLMs; this is a {arch} model: {MERGED_HINT}"
-    also = also_trained(model, meta)
+    reason = family(model.cfg.style).refusal(model.cfg, "gguf")
+    if reason:
+        return reason  # the base has no GGUF form for an adapter to go over
+    also = also_trained(meta)
     if also:
         return (
             f"adapter.also_train={also} trained base tensors in full, which a llama.cpp LoRA adapter cannot "
@@ -51,10 +54,9 @@ def unexportable(model: nn.Module, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def also_trained(model: nn.Module, meta: dict[str, Any]) -> list[str]:
-    """The run's ``adapter.also_train`` patterns (from its meta, else from the model's LoRA config)."""
-    also = (meta.get("adapter") or {}).get("also_train")
-    return list(also or getattr(getattr(model, "lora_config", None), "also_train", ()))
+def also_trained(meta: dict[str, Any]) -> list[str]:
+    """The run's ``adapter.also_train`` patterns (from its meta)."""
+    return list((meta.get("adapter") or {}).get("also_train") or ())
 
 
 def lora_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

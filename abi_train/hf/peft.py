@@ -158,7 +158,7 @@ def peft_adapter(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, Any]
     """(adapter_config.json's dict, adapter_model.safetensors' tensors) of ``model``'s LoRA layers."""
     style = _style(model)
     adapter = meta.get("adapter") or {}
-    modules_to_save, tensors = _modules_to_save(model, style, also_trained(model, meta), meta)
+    modules_to_save, tensors = _modules_to_save(model, style, also_trained(meta), meta)
     targets: set[str] = set()
     fused: dict[str, int] = {}  # HF target_modules entry -> how many of our adapters share it (a fused tensor)
     for hf, (a, b, n) in _hf_adapters(model, style).items():
