@@ -1,10 +1,13 @@
 """GGUF pieces shared by every family: output types, per-tensor type choice, quantization, the
-byte-level BPE tokenizer (both directions) and provenance.
+tokenizer (both directions) and provenance.
 
-The tokenizer is llama.cpp's "gpt2" kind; how it splits text before BPE is its ``tokenizer.ggml.pre``.
-``PRE_TOKENIZERS`` is the one table of the pre names we support, each as the Hugging Face pre-tokenizer
-that splits as llama.cpp does: import builds a file's entry, export writes the name a tokenizer was
-imported with or the entry its tokenizer.json's pre-tokenizer equals.
+A byte-level BPE tokenizer is llama.cpp's "gpt2" kind; how it splits text before BPE is its
+``tokenizer.ggml.pre``. ``PRE_TOKENIZERS`` is the one table of the pre names we support, each as the Hugging
+Face pre-tokenizer that splits as llama.cpp does: import builds a file's entry, export writes the name a
+tokenizer was imported with or the entry its tokenizer.json's pre-tokenizer equals.
+A SentencePiece-style one (BPE with byte fallback, spaces as U+2581: Llama 2, Mistral, Phi-3, Gemma) is the
+"llama" kind: export scores tokens by merge order and takes add_space_prefix from ``SPACE_RULES``; import turns
+the scores back into merges. Unigram tokenizers are refused: llama.cpp's "llama" kind cannot segment like them.
 
 A family module (``gguf_llm``; ``gguf_vit`` and ``gguf_clip`` follow the same shape) provides only its
 name map and hyperparameters:
@@ -196,49 +199,180 @@ def match_pre_tokenizer(spec: dict[str, Any], source: str) -> str:
     )
 
 
-def add_tokenizer(writer: GGUFWriter, path: Path, n_rows: int) -> None:
-    """Write a byte-level BPE tokenizer.json in llama.cpp's "gpt2" form, padded to ``n_rows`` tokens: its
-    tokenizer.ggml.pre (the one it was imported with, else matched from its pre-tokenizer), special tokens,
-    add_bos_token and chat template."""
-    tok = Tokenizer.load(path)
-    spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    model = spec["model"]
+# How a SentencePiece-style tokenizer.json turns spaces into U+2581, as its normalizers and pre-tokenizers in order
+# (a Sequence counts as its steps), and llama.cpp's add_space_prefix for it: llama.cpp puts a space before the
+# text and after every special token, as HF's Prepend does (it runs on each segment between added tokens).
+# HF's Metaspace adds none before a segment that starts with a space, and with prepend_scheme "first" none after
+# a special token: the caveat logged. Gemma's Split on " " is a no-op, its Replace having left no space.
+SPACE = "\u2581"
+_REPLACE = normalizers.Replace(" ", SPACE)
+SPACE_RULES: list[tuple[list[Any], list[Any], bool, str | None]] = [
+    ([normalizers.Prepend(SPACE), _REPLACE], [], True, None),  # Llama 2, Mistral v0.1, Phi-3
+    ([_REPLACE], [], False, None),  # Gemma
+    ([_REPLACE], [pre_tokenizers.Split(" ", "merged_with_previous")], False, None),  # Gemma's own files
+    ([], [pre_tokenizers.Metaspace(SPACE, "never", split=False)], False, None),
+    ([], [pre_tokenizers.Metaspace(SPACE, "always", split=False)], True, "before text that starts with a space"),
+    (
+        [],
+        [pre_tokenizers.Metaspace(SPACE, "first", split=False)],
+        True,
+        "before text that starts with a space nor after a special token",
+    ),  # transformers' Llama / Mistral with legacy=False
+]
+
+
+def _steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    """A serialized normalizer or pre-tokenizer as its list of steps (``key``: the list a Sequence holds)."""
+    if not node:
+        return []
+    return [s for n in node[key] for s in _steps(n, key)] if node["type"] == "Sequence" else [node]
+
+
+def _space_prefix(spec: dict[str, Any], source: str) -> bool:
+    """llama.cpp's add_space_prefix for a SentencePiece-style tokenizer.json (as tokenizers serializes it)."""
+    found = (_steps(spec.get("normalizer"), "normalizers"), _steps(spec.get("pre_tokenizer"), "pretokenizers"))
+    probe = HFTokenizer(models.BPE())
+    for norms, pres, prefix, caveat in SPACE_RULES:
+        probe.normalizer = normalizers.Sequence(norms)
+        probe.pre_tokenizer = pre_tokenizers.Sequence(pres)
+        built = json.loads(probe.to_str())
+        if found == (built["normalizer"]["normalizers"], built["pre_tokenizer"]["pretokenizers"]):
+            if caveat:
+                log.warning(
+                    "%s: its Metaspace pre-tokenizer puts no %s %s; llama.cpp does (as SentencePiece does), so "
+                    "such text tokenizes differently from the GGUF file",
+                    source,
+                    SPACE,
+                    caveat,
+                )
+            return prefix
+    raise UserError(
+        f"{source}: its normalizer / pre-tokenizer does more than llama.cpp's SentencePiece tokenizer (spaces to "
+        f"{SPACE}, optionally one before the text), so a GGUF file could not tokenize like it; "
+        "export to --format hf instead"
+    )
+
+
+def _merge_pairs(model: dict[str, Any]) -> list[list[str]]:
+    """A serialized BPE's merges as pairs (tokenizers < 0.20 writes each as "left right")."""
+    return [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+
+
+def _merge_scores(vocab: dict[str, int], merges: list[list[str]], n: int) -> list[float]:
+    """tokenizer.ggml.scores of ``n`` rows for a BPE's merges. llama.cpp merges, of the adjacent pieces whose
+    concatenation is a token, the pair whose token scores highest; BPE merges the pair of lowest rank. So the i-th
+    token the merges make, in the order of its first merge, scores -i; the rest (characters, bytes, added tokens,
+    padding) score below all of them."""
+    order = dict.fromkeys(vocab[left + right] for left, right in merges)
+    scores = [-float(len(order))] * n
+    for rank, i in enumerate(order):
+        scores[i] = -float(rank)
+    return scores
+
+
+def _vocab(tok: Tokenizer, spec: dict[str, Any], source: str, n_rows: int) -> tuple[list[str], list[TokenType]]:
+    """The tokens by id with their types from added_tokens (special: CONTROL, else USER_DEFINED)."""
+    vocab = tok.hf.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise UserError(f"{source}: token ids are not contiguous from 0; GGUF needs one token per id")
+    if len(tokens) > n_rows:
+        raise UserError(f"{source}: tokenizer has {len(tokens)} tokens but the model embeds only {n_rows}")
+    types = [TokenType.NORMAL] * len(tokens)
+    for added in spec.get("added_tokens", []):
+        types[added["id"]] = TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED
+    if stripped := [a["content"] for a in spec.get("added_tokens", []) if a.get("lstrip") or a.get("rstrip")]:
+        log.warning(
+            "%s: GGUF has no key for the whitespace tokenizer.json strips around %s: llama.cpp keeps it (but for "
+            "models it knows by name)",
+            source,
+            ", ".join(stripped),
+        )
+    return tokens, types
+
+
+def _padding(tokens: list[str], n_rows: int) -> list[str]:
+    """Names for the embedding rows past the vocabulary: llama.cpp wants one unique token per row; never produced."""
+    taken, pads, i = set(tokens), [], 0
+    while len(tokens) + len(pads) < n_rows:
+        if (pad := f"[PAD{i}]") not in taken:
+            pads.append(pad)
+        i += 1
+    return pads
+
+
+def _add_byte_level(writer: GGUFWriter, tok: Tokenizer, spec: dict[str, Any], source: str, n_rows: int) -> None:
+    """llama.cpp's "gpt2" vocabulary: tokens, merges and the tokenizer.ggml.pre that splits text as ``spec``."""
     # NFC (Qwen2's) is what llama.cpp's own converter also drops: text is NFC almost always.
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    if model.get("byte_fallback"):
-        raise UserError(f"{path}: GGUF export of SentencePiece-style (byte fallback) tokenizers is not supported yet")
-    if model.get("type") != "BPE" or normalizer not in (None, "NFC"):
+    if spec["model"]["type"] != "BPE" or (spec.get("normalizer") or {}).get("type") not in (None, "NFC"):
         raise UserError(
-            f"{path}: GGUF export needs a byte-level BPE tokenizer (BPE model without byte fallback, no normalizer)"
+            f"{source}: GGUF export needs a byte-level BPE tokenizer (BPE model without byte fallback, no "
+            "normalizer) or a SentencePiece-style one (BPE with byte fallback)"
         )
     if tok.gguf_pre:
         pre = tok.gguf_pre
         pre_tokenizer_entry(pre)  # still one llama.cpp knows
     else:
-        pre = match_pre_tokenizer(spec, str(path))
-    vocab = tok.hf.get_vocab(with_added_tokens=True)
-    tokens = sorted(vocab, key=vocab.get)
-    if [vocab[t] for t in tokens] != list(range(len(tokens))):
-        raise UserError(f"{path}: token ids are not contiguous from 0; GGUF needs one token per id")
-    if len(tokens) > n_rows:
-        raise UserError(f"{path}: tokenizer has {len(tokens)} tokens but the model embeds only {n_rows}")
-    types = [TokenType.NORMAL] * len(tokens)
-    for added in spec.get("added_tokens", []):
-        types[added["id"]] = TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED
-    # Padded vocab: llama.cpp wants one unique token per embedding row; these are never produced.
-    taken, i = set(tokens), 0
-    while len(tokens) < n_rows:
-        if (pad := f"[PAD{i}]") not in taken:
-            tokens.append(pad)
-            types.append(TokenType.UNUSED)
-        i += 1
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-
+        pre = match_pre_tokenizer(spec, source)
+    tokens, types = _vocab(tok, spec, source, n_rows)
+    pads = _padding(tokens, n_rows)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    writer.add_token_list(tokens + pads)
+    writer.add_token_types(types + [TokenType.UNUSED] * len(pads))
+    writer.add_token_merges([" ".join(pair) for pair in _merge_pairs(spec["model"])])
+
+
+def _add_sentencepiece(writer: GGUFWriter, tok: Tokenizer, spec: dict[str, Any], source: str, n_rows: int) -> None:
+    """llama.cpp's SentencePiece ("llama") vocabulary for a BPE with byte fallback, as its converter writes one:
+    tokens with scores from the merges, <0xXX> BYTE and unk UNKNOWN tokens, add_space_prefix."""
+    model = spec["model"]
+    prefix = _space_prefix(spec, source)
+    tokens, types = _vocab(tok, spec, source, n_rows)
+    ids = {t: i for i, t in enumerate(tokens)}
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    if missing := [t for t in byte_tokens if t not in ids]:
+        raise UserError(f"{source}: byte fallback needs all 256 <0xXX> tokens; missing {', '.join(missing[:4])}")
+    for t in byte_tokens:
+        types[ids[t]] = TokenType.BYTE
+    unk = ids.get(model.get("unk_token"))
+    if unk is not None:
+        types[unk] = TokenType.UNKNOWN
+    scores = _merge_scores(ids, _merge_pairs(model), n_rows)
+    # llama.cpp matches USER_DEFINED tokens in the raw text, where HF's normalizer has not yet made spaces U+2581
+    # (llama.cpp's converter does the same, and prints them back with their spaces).
+    typed = zip(tokens, types, strict=True)
+    tokens = [t.replace(SPACE, " ") if ty == TokenType.USER_DEFINED else t for t, ty in typed]
+    if len(set(tokens)) != len(tokens):
+        raise UserError(f"{source}: an added token with {SPACE} spelled with spaces repeats another token")
+    pads = _padding(tokens, n_rows)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens + pads)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types + [TokenType.UNUSED] * len(pads))
+    writer.add_add_space_prefix(prefix)
+    if unk is not None:
+        writer.add_unk_token_id(unk)
+
+
+def add_tokenizer(writer: GGUFWriter, path: Path, n_rows: int) -> None:
+    """Write a tokenizer.json in the llama.cpp form that tokenizes like it, padded to ``n_rows`` tokens: byte-level
+    BPE as "gpt2" with its tokenizer.ggml.pre (the one it was imported with, else matched from its
+    pre-tokenizer), a SentencePiece-style BPE (byte fallback) as "llama"; then special tokens, add_bos_token and
+    chat template."""
+    tok = Tokenizer.load(path)
+    # As tokenizers reads the file: older spellings (a model without "type", Metaspace's add_prefix_space) current.
+    spec = json.loads(tok.hf.to_str())
+    if spec["model"]["type"] == "Unigram":
+        raise UserError(
+            f"{path}: GGUF export of Unigram tokenizers is not supported: llama.cpp's SentencePiece tokenizer "
+            "merges pieces by score, which does not reproduce Unigram's best segmentation; export to --format hf"
+        )
+    if spec["model"].get("byte_fallback"):
+        _add_sentencepiece(writer, tok, spec, str(path), n_rows)
+    else:
+        _add_byte_level(writer, tok, spec, str(path), n_rows)
     writer.add_bos_token_id(tok.bos_id)
     writer.add_eos_token_id(tok.eos_id)
     writer.add_pad_token_id(tok.pad_id if tok.pad_id is not None else tok.eos_id)
@@ -260,7 +394,8 @@ def tokenizer_from_gguf(kv: dict[str, Any], source: str = "GGUF file") -> Tokeni
         return _sentencepiece_from_gguf(kv, source)
     if kind != "gpt2":
         raise UserError(
-            f"{source}: GGUF tokenizer.ggml.model {kind!r} is not supported; supported: gpt2 (byte-level BPE)"
+            f"{source}: GGUF tokenizer.ggml.model {kind!r} is not supported; supported: gpt2 (byte-level BPE), "
+            "llama (SentencePiece)"
         )
     pre_name = kv.get("tokenizer.ggml.pre") or "default"
     _, pre = pre_tokenizer_entry(pre_name)
