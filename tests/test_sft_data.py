@@ -161,13 +161,13 @@ def test_smollm2_template_mask_equals_golden() -> None:
     assert record["learned"] == "It is 4.<|im_end|>Six, 6.<|im_end|>"
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused() -> None:
-    # Shows only the last assistant reply: a prefix's rendering is not a prefix of the whole.
+def test_a_template_that_drops_earlier_replies_is_refused() -> None:
+    # Shows only the last assistant reply: the first one is nowhere in the conversation's rendering.
     template = (
         "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}|{% endif %}"
         "{% endfor %}"
     )
-    with pytest.raises(UserError, match="renders a conversation differently from its prefixes"):
+    with pytest.raises(UserError, match="^the chat template leaves assistant turn 1 out of the conversation"):
         ChatEncoder(tiny_tokenizer(), template).encode(CONVERSATION)
 
 

@@ -10,14 +10,19 @@ Formats (``data.format``, or ``auto``: told apart by their columns):
 
 Other columns are kept with the row (the persona set's ``kind`` marks its identity questions).
 
-Which tokens are the assistant's: the conversation is rendered in prefixes, as transformers does to train on
-assistant tokens, but without needing ``{% generation %}`` tags (SmolLM2's template, like most, has none).
-For each assistant turn ``i``, ``render(messages[:i], add_generation_prompt=True)`` ends where the reply
-starts and ``render(messages[:i + 1])`` ends where the turn ends; both must be prefixes of the whole
-rendering (a template that rewrites earlier turns is refused in one line). The turn's characters (without
-the whitespace the template puts after its end-of-turn token) are mapped to the tokens of the whole text by
-their offsets, so the mask follows the tokenizer's boundaries, and the end-of-turn token (``<|im_end|>``) is
-labelled: the model learns to stop.
+Which tokens are the assistant's, without needing ``{% generation %}`` tags (most templates have none): each
+assistant turn as the template renders the whole conversation. Its content is the part of the rendering that
+changes when that message's content is swapped for a placeholder; the turn ends with the template's
+end-of-turn text, found once by rendering a placeholder reply alone and followed by a user turn and keeping
+the tokens both put after it (``<|im_end|>``, Gemma's ``<end_of_turn>``, Phi's ``<|end|>``, Mistral's EOS
+``</s>``; Phi's templates put an EOS after the last turn, which is not part of it). The turn starts where
+``render(messages[:i], add_generation_prompt=True)`` ends when that is a prefix of the whole, so what the
+template puts between the header and the content (Qwen3's ``<think>`` block) is learned too; templates that
+render earlier turns differently once later ones follow (Qwen3 drops the reasoning of earlier replies, Mistral
+moves the system prompt into the last user turn) start it at the content, or before the text the template puts
+ahead of every reply's content when that is there (Mistral's space). The tokens that overlap a turn's
+characters (offsets into the whole text) are labelled, the end-of-turn token included: the model learns to
+stop. ``data.chat_template_kwargs`` are passed to every rendering (``enable_thinking`` for Qwen3, SmolLM3).
 
 Batches: ``packing: true`` lays several conversations into each row of ``seq_len`` tokens (first fit by
 decreasing length) with ``segments`` (attention stays inside a conversation) and ``positions`` restarting
@@ -27,8 +32,10 @@ with the conversations of a window of steps sorted by length first (length bucke
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +62,10 @@ OVERLONG = ("truncate", "skip")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SUFFIXES = (".jsonl", ".json", ".parquet")
 PERSONA_DIR = Path(__file__).parent / "persona"  # the shipped default set (scripts/make_persona_data.py)
+# Stands in for a reply's content to find where the template puts it: a private-use character, which no
+# template strips and real text does not hold.
+PLACEHOLDER = "\ue000"
+RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token")  # render_chat's own arguments
 
 
 # --- rows -> conversations -------------------------------------------------------------------------
@@ -190,37 +201,94 @@ def resolve_template(value: str | None, tokenizer: Tokenizer, origin: str) -> st
 
 
 class ChatEncoder:
-    """Renders conversations with one template and tokenizer and labels their tokens (``train_on``)."""
+    """Renders conversations with one template and tokenizer (and the template's extra variables, e.g.
+    ``enable_thinking``) and labels their tokens (``train_on``)."""
 
-    def __init__(self, tokenizer: Tokenizer, template: str, train_on: str = "assistant") -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: str,
+        train_on: str = "assistant",
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         if train_on not in TRAIN_ON:
             raise UserError(f"data.train_on={train_on!r} is not valid; choose one of: {', '.join(TRAIN_ON)}")
+        clash = sorted(set(template_kwargs or {}) & set(RESERVED))
+        if clash:
+            raise UserError(f"data.chat_template_kwargs cannot set {', '.join(clash)}: the renderer passes them")
         self.tokenizer, self.template, self.train_on = tokenizer, template, train_on
         name = tokenizer.hf.id_to_token
-        self.specials = {"bos_token": name(tokenizer.bos_id), "eos_token": name(tokenizer.eos_id)}
+        self.variables = {"bos_token": name(tokenizer.bos_id), "eos_token": name(tokenizer.eos_id)}
+        self.variables |= dict(template_kwargs or {})
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return render_chat(self.template, messages, add_generation_prompt, **self.specials)
+        return render_chat(self.template, messages, add_generation_prompt, **self.variables)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation so far plus the header of the assistant's reply, as generation starts from it."""
         return self.tokenizer.encode(self.render(messages, True))
 
-    def assistant_spans(self, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
-        """Character spans of the assistant turns in ``full`` (the whole rendering)."""
+    @cached_property
+    def _around_reply(self) -> tuple[str, str]:
+        """What the template writes around an assistant reply's content, from a placeholder reply rendered
+        alone and followed by a user turn: the text between the generation prompt and the content (Qwen3's
+        empty ``<think>`` block, Mistral's space), and the end-of-turn text (see ``end_of_turn``)."""
+        user = {"role": "user", "content": "Hi"}
+        reply = [user, {"role": "assistant", "content": PLACEHOLDER}]
+        prompt, alone, followed = (
+            self.render([user], True),
+            self.render(reply, False),
+            self.render([*reply, user], False),
+        )
+        if PLACEHOLDER not in alone or PLACEHOLDER not in followed:
+            raise UserError("the chat template does not render an assistant reply's content; set data.train_on=all")
+        lead = alone[len(prompt) : alone.index(PLACEHOLDER)] if alone.startswith(prompt) else ""
+        afters = []
+        for text in (alone, followed):
+            after = text[text.index(PLACEHOLDER) + len(PLACEHOLDER) :]
+            enc = self.tokenizer.hf.encode(after, add_special_tokens=False)
+            afters.append([(tok, after[a:b]) for tok, (a, b) in zip(enc.ids, enc.offsets, strict=True)])
+        common = os.path.commonprefix(afters)  # whole tokens: <|end|><|endoftext|> and <|end|><|user|> share "<|"
+        return lead, "".join(piece for _, piece in common).rstrip()
+
+    @property
+    def end_of_turn(self) -> str:
+        """The text the template writes after an assistant reply's content and before the next turn, trailing
+        whitespace dropped (``<|im_end|>``, ``<end_of_turn>``, ``<|end|>``, ``</s>``): the tokens that follow a
+        reply both when it ends the conversation and when a user turn follows (alone, Phi's templates add an
+        EOS; followed, the next turn's header)."""
+        return self._around_reply[1]
+
+    def assistant_spans(
+        self, messages: list[dict[str, str]], full: str, last_only: bool = False
+    ) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in ``full`` (the whole rendering), each from the start of the
+        reply to the end of its end-of-turn text; ``last_only``: the final assistant turn only."""
+        turns = list(enumerate([i for i, m in enumerate(messages) if m["role"] == "assistant"], 1))  # (n, index)
         spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(self.render(messages[:i], True))
-            turn = self.render(messages[: i + 1], False)
-            if not full.startswith(turn) or not turn.startswith(full[:start]) or start > len(turn):
+        for n, i in turns[-1:] if last_only else turns:
+            swapped = self.render([*messages[:i], {**messages[i], "content": PLACEHOLDER}, *messages[i + 1 :]], False)
+            if swapped == full:
                 raise UserError(
-                    "the chat template renders a conversation differently from its prefixes (it rewrites "
-                    "earlier turns), so the assistant's tokens cannot be found; set data.train_on=all or "
-                    "another data.chat_template"
+                    f"the chat template leaves assistant turn {n} out of the conversation it renders, so its "
+                    "tokens cannot be learned; set data.train_on=all or another data.chat_template"
                 )
-            spans.append((start, len(turn.rstrip())))
+            start = len(os.path.commonprefix([full, swapped]))
+            end = len(full) - len(os.path.commonprefix([full[start:][::-1], swapped[start:][::-1]]))
+            if not full.startswith(self.end_of_turn, end):
+                raise UserError(
+                    f"the chat template ends assistant turn {n} with {full[end : end + 20]!r}, not "
+                    f"its end-of-turn text {self.end_of_turn!r}; set data.train_on=all or another data.chat_template"
+                )
+            # The reply starts where the generation prompt ends, when the template renders the turns before it
+            # the same way without the later ones; else (Mistral's system prompt moves to the last user turn)
+            # with what the template writes before a reply's content, when it is there.
+            prompt, lead = self.render(messages[:i], True), self._around_reply[0]
+            if full.startswith(prompt) and len(prompt) <= start:
+                start = len(prompt)
+            elif full.endswith(lead, 0, start):
+                start -= len(lead)
+            spans.append((start, end + len(self.end_of_turn)))
         return spans
 
     def encode(self, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -230,14 +298,13 @@ class ChatEncoder:
         ids = np.asarray(enc.ids, dtype=np.int64)
         if self.train_on == "all":
             return ids, np.ones(len(ids), dtype=bool)
-        spans = self.assistant_spans(messages, full)
-        if self.train_on == "last":
-            spans = spans[-1:]
         starts = np.asarray([s for s, _ in enc.offsets], dtype=np.int64)
         ends = np.asarray([e for _, e in enc.offsets], dtype=np.int64)
         mask = np.zeros(len(ids), dtype=bool)
-        for a, b in spans:
-            mask |= (starts >= a) & (starts < b) & (ends > starts)  # a token starting inside the turn
+        for a, b in self.assistant_spans(messages, full, last_only=self.train_on == "last"):
+            # A token overlapping the turn, as transformers' char_to_token does: Mistral's "▁Hello" starts at
+            # the space the template puts before the content.
+            mask |= (starts < b) & (ends > a) & (ends > starts)
         return ids, mask
 
 
@@ -409,7 +476,14 @@ def open_chat(d: DictConfig, tokenizer: Tokenizer | None = None, origin: str = "
         raise UserError("data=chat needs a tokenizer: set init_from (a chat model) or data.tokenizer")
     seq_len, fmt = int(d.seq_len), str(d.get("format") or "auto")
     template = resolve_template(d.get("chat_template"), tokenizer, origin)
-    encoder = ChatEncoder(tokenizer, template, str(d.get("train_on") or "assistant"))
+    kwargs = d.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise UserError(
+            f"data.chat_template_kwargs must be a mapping of template variables (e.g. "
+            f"+data.chat_template_kwargs.enable_thinking=false), not {kwargs!r}"
+        )
+    kwargs = OmegaConf.to_container(kwargs) if OmegaConf.is_config(kwargs) else dict(kwargs)
+    encoder = ChatEncoder(tokenizer, template, str(d.get("train_on") or "assistant"), kwargs)
     if d.get("files") is None:  # the shipped persona set
         train = read_conversations([PERSONA_DIR / "train.jsonl"], "messages")
         val = read_conversations([PERSONA_DIR / "val.jsonl"], "messages", "val_files")
