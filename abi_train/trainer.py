@@ -108,6 +108,8 @@ def check_trainer_options(tc: DictConfig) -> None:
             raise UserError(f"trainer.{key}={tc[key]} must be >= 0")
     if tc.attention not in ATTENTION_KERNELS:
         raise UserError(f"trainer.attention={tc.attention!r} is not known; valid: {', '.join(ATTENTION_KERNELS)}")
+    if tc.attention == "flex" and not str(tc.device).startswith(("cuda", "auto")):
+        raise UserError(f"trainer.attention=flex needs CUDA (flex_attention has no backward on {tc.device}); use auto")
     if tc.bf16_residual and tc.precision != "bf16":
         raise UserError(f"trainer.bf16_residual=true needs trainer.precision=bf16, got {tc.precision!r}")
 
@@ -268,7 +270,7 @@ class Trainer:
         self.task.setup(self.resume_from)
         self.model_config = self.task.model_config()
         raw = build_model(self.model_config).to(self.device)
-        pin_attention_kernel(raw, cfg.trainer.attention)
+        pin_attention_kernel(raw, cfg.trainer.attention, bool(cfg.trainer.compile) and self.device.type == "cuda")
         if cfg.trainer.bf16_residual:
             keep_residual_in(raw, torch.bfloat16)
         if pretrained is not None and (self.resume_from is None or self.adapter is not None):

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from abi_train.errors import UserError
+from abi_train.models import flex
 from abi_train.models.families import family
 from abi_train.models.layers import (
     ROPE_SCALINGS,
@@ -61,7 +63,7 @@ class GPTConfig:
     ffn_hidden: int | None = None  # None: 4*d for a plain MLP; 8/3*d rounded up to a multiple of 64 gated
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # RoPE base
-    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3" | "linear", "factor": ..., ...} (HF's keys)
+    rope_scaling: dict[str, Any] | None = None  # {"type": "llama3" | "linear" | "longrope", ...} (HF's keys)
     attention_bias: bool = False  # biases on q/k/v/o (HF Llama's attention_bias)
     tie_embeddings: bool = True  # lm_head shares tok_embd's weight
     bias: bool | None = None  # biases in every linear and LayerNorm (GPT-2); None: the family's
@@ -141,6 +143,12 @@ class GPTConfig:
         kind = (self.rope_scaling or {}).get("type")
         if kind is not None and kind not in ROPE_SCALINGS:
             raise UserError(f"model.rope_scaling.type={kind!r} is not supported; valid: {', '.join(ROPE_SCALINGS)}")
+        if kind == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(self.rope_scaling.get(key) or ()) != self.rope_dim // 2:
+                    raise UserError(f"model.rope_scaling.{key} must list rope_dim / 2 = {self.rope_dim // 2} factors")
+            if int(self.rope_scaling.get("original_max_position_embeddings") or 0) <= 0:
+                raise UserError("model.rope_scaling (longrope) needs a positive original_max_position_embeddings")
 
     def _check_layers(self) -> None:
         if self.layer_types is None:
@@ -202,6 +210,9 @@ class GPT(nn.Module):
             rope = rope_cache(cfg.context_length, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
             if cfg.rope_local_theta is not None:
                 local = rope_cache(cfg.context_length, cfg.rope_dim, cfg.rope_local_theta)
+        # flex_attention for packed documents, windows and soft-caps (models/flex.py): off | compiled (only
+        # inside torch.compile, where it is fast) | on; set by the trainer (trainer.attention)
+        self.flex_attention = "off"
         self.register_buffer("rope", rope, persistent=False)
         self.register_buffer("rope_local", local, persistent=False)
         self.apply(self._init_weights)
@@ -311,9 +322,18 @@ class GPT(nn.Module):
 
     def _masks(
         self, queries: int, keys: int, segments: torch.Tensor | None, device: torch.device
-    ) -> dict[str, torch.Tensor | None]:
-        """The attention mask of full and sliding layers (None: plain causal, SDPA's own)."""
+    ) -> dict[str, torch.Tensor | BlockMask | None]:
+        """The attention mask of full and sliding layers (None: plain causal, SDPA's own); flex_attention's
+        block masks where ``flex_attention`` is on and a layer needs more than plain causal attention."""
         window = self.cfg.sliding_window if "sliding" in self.cfg.layer_types else None
+        if self.flex_attention == "on" or (self.flex_attention == "compiled" and torch.compiler.is_compiling()):
+            capped = self.cfg.attn_softcap is not None
+            batch = segments.shape[0] if segments is not None else 1
+            plain = segments is None and queries == keys
+            full = None if plain and not capped else flex.document_mask(batch, queries, keys, device, None, segments)
+            needs_window = window is not None and keys > window
+            sliding = flex.document_mask(batch, queries, keys, device, window, segments) if needs_window else full
+            return {"full": full, "sliding": sliding}
         if segments is not None:
             full = segment_mask(segments)
             sliding = segment_mask(segments, window) if window and keys > window else full

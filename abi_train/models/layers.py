@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask
+
+from abi_train.models import flex
 
 ATTENTION_KERNELS = {
     "auto": None,  # PyTorch picks per call
@@ -23,6 +26,7 @@ ATTENTION_KERNELS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
+    "flex": None,  # masked / soft-capped layers through flex_attention (models/flex.py), the rest as auto
 }
 
 
@@ -50,18 +54,46 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool = True, offset: bool =
     raise ValueError(f"unknown norm {kind!r}; valid: layernorm, rmsnorm")
 
 
-ROPE_SCALINGS = ("linear", "llama3")
+ROPE_SCALINGS = ("linear", "llama3", "longrope")
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+def longrope_factors(scaling: dict, context: int) -> list[float]:
+    """LongRoPE's (Phi-3/4) per-frequency divisors for a table of ``context`` positions. transformers takes
+    ``long_factor`` for a forward longer than ``original_max_position_embeddings``, ``short_factor`` otherwise;
+    our table is built once for the whole context, so it takes ``long_factor`` when the context is longer (as
+    llama.cpp chooses by its context size): transformers' numbers on any sequence past the original length."""
+    longer = context > int(scaling["original_max_position_embeddings"])
+    return [float(f) for f in scaling["long_factor" if longer else "short_factor"]]
+
+
+def rope_attention_factor(scaling: dict | None, context: int) -> float:
+    """What cos and sin are multiplied by: LongRoPE's ``attention_factor``, by default (as transformers)
+    sqrt(1 + ln(s) / ln(original)) with s = ``factor`` or context / original, 1 for s <= 1; 1 for other RoPEs."""
+    if (scaling or {}).get("type") != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    s = float(scaling.get("factor") or context / original)
+    return math.sqrt(1 + math.log(s) / math.log(original)) if s > 1 else 1.0
+
+
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: dict | None = None, context: int | None = None
+) -> torch.Tensor:
     """The head_dim/2 RoPE inverse frequencies, with Hugging Face's ``rope_scaling`` applied:
     ``linear`` divides every frequency by ``factor``; ``llama3`` (Llama 3.1+) divides the low frequencies
     by ``factor``, keeps the high ones and interpolates between (``low_freq_factor``, ``high_freq_factor``,
-    ``original_max_position_embeddings``)."""
+    ``original_max_position_embeddings``); ``longrope`` divides each by its factor of ``longrope_factors``
+    (which needs the table's ``context``)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     kind = (scaling or {}).get("type")
     if kind is None:
         return inv_freq
+    if kind == "longrope":
+        if context is None:
+            raise ValueError("longrope frequencies depend on the context length: pass context")
+        return inv_freq / torch.tensor(longrope_factors(scaling, context), dtype=torch.float32)
     factor = float(scaling["factor"])
     if kind == "linear":
         return inv_freq / factor
@@ -79,15 +111,16 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
 def rope_cache(
     seq_len: int, head_dim: int, theta: float, scaling: dict | None = None, device: torch.device | None = None
 ) -> torch.Tensor:
-    """cos/sin table of shape (2, seq_len, head_dim) for the rotate-half (HF/NeoX) RoPE convention.
+    """cos/sin table of shape (2, seq_len, head_dim) for the rotate-half (HF/NeoX) RoPE convention; ``seq_len``
+    is the model's context (LongRoPE picks its factors and attention factor by it).
 
     llama.cpp's ``llama`` architecture rotates adjacent pairs instead; the GGUF exporter permutes the
     Q and K rows per head so both conventions compute the same attention.
     """
-    inv_freq = rope_frequencies(head_dim, theta, scaling).to(device)
+    inv_freq = rope_frequencies(head_dim, theta, scaling, seq_len).to(device)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return torch.stack([angles.cos(), angles.sin()])
+    return torch.stack([angles.cos(), angles.sin()]) * rope_attention_factor(scaling, seq_len)
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -193,12 +226,12 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         """``mask`` (boolean, broadcast to (B, H, T, T_keys), True = attend; e.g. ``segment_mask`` or a sliding
-        window's ``causal_mask``) replaces the causal mask; ``rope`` is then usually the per-token table of
-        ``rope_at``. With a filled ``cache``, ``x`` holds the next token(s) and sees every cached position unless
-        ``mask`` says otherwise."""
+        window's ``causal_mask``; or a flex_attention ``BlockMask``) replaces the causal mask; ``rope`` is then
+        usually the per-token table of ``rope_at``. With a filled ``cache``, ``x`` holds the next token(s) and
+        sees every cached position unless ``mask`` says otherwise."""
         start = 0 if cache is None else cache.length  # positions already in the cache
         if start and x.shape[1] > 1 and self.causal and mask is None:
             raise ValueError("a filled KV cache is extended one token at a time")
@@ -216,7 +249,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v)
         causal = self.causal and not start and mask is None  # one new token sees every cached position
-        if self.softcap is not None:
+        if isinstance(mask, BlockMask):  # the decoder's flex_attention path (models/flex.py)
+            y = flex.attend(q, k, v, mask, self.scale, self.softcap)
+        elif self.softcap is not None:
             y = self._capped_attention(q, k, v, mask, causal)
         else:
             # The pin sits inside forward so torch.compile traces it (a context around the compiled call is not
@@ -389,9 +424,13 @@ def lora_targets(model: nn.Module) -> list[str]:
     return [t for t in LORA_TARGETS if t in found]
 
 
-def pin_attention_kernel(model: nn.Module, kind: str) -> None:
-    """Pin every attention layer of ``model`` to one SDPA kernel (a key of ATTENTION_KERNELS)."""
+def pin_attention_kernel(model: nn.Module, kind: str, compiled_on_cuda: bool = False) -> None:
+    """Pin every attention layer of ``model`` to one SDPA kernel (a key of ATTENTION_KERNELS). ``flex`` runs
+    masked and soft-capped attention through flex_attention always (``auto``: where the model is compiled on
+    CUDA, the only place it is fast and has a backward), plain causal attention through SDPA's pick."""
     backend = ATTENTION_KERNELS[kind]
     for module in model.modules():
         if isinstance(module, Attention):
             module.kernels = None if backend is None else [backend]
+    if hasattr(model, "flex_attention"):
+        model.flex_attention = "on" if kind == "flex" else "compiled" if kind == "auto" and compiled_on_cuda else "off"
