@@ -54,9 +54,14 @@ FAST_DATA_OPTION = {
 }
 DEFAULT_DATA = {"llm": "text", "vit": "shapes", "clip": "captions"}
 # Shapes too big for one CPU step in CI (weights, gradients and AdamW state of 1.24B parameters are ~20 GB):
-# one block at its shipped width and the tokenizer's vocabulary; test_llama_1b_is_llama_3_2_1b checks the
-# whole shape without allocating it.
-SHRUNK_MODELS = {"llama-1b": ["model.n_layer=1", "model.vocab_size=null"]}
+# one block at its shipped width and the tokenizer's vocabulary; test_llama_1b_is_llama_3_2_1b (and
+# tests/test_phi3.py for phi4-mini, test_real_shape_is_the_public_model for others) checks the whole shape
+# without allocating it.
+SHRUNK = ["model.n_layer=1", "model.vocab_size=null"]
+SHRUNK_MODELS = {name: SHRUNK for name in ("llama-1b", "phi4-mini", "qwen3-0.6b", "mistral-7b")}
+SHRUNK_MODELS["smollm3-3b"] = [*SHRUNK, "model.nope_layers=null"]  # its NoPE layers 3, 7, ... are gone too
+for _name in ("gemma3-1b", "gemma2-2b"):  # the one block left slides
+    SHRUNK_MODELS[_name] = [*SHRUNK, "model.layer_types=[sliding]"]
 
 
 def options(group: str) -> list[str]:
@@ -185,6 +190,73 @@ def test_llama_1b_is_llama_3_2_1b():
     assert ours.rope.shape == (2, 131072, 64)
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](meta, "cpu")
     torch.testing.assert_close(rope_frequencies(64, cfg["rope_theta"], cfg["rope_scaling"]), want.float())
+
+
+# model YAML -> (transformers class prefix, or the config's and the model's, the public model's config.json shape,
+# its parameters)
+REAL_SHAPES = {
+    "qwen3-0.6b": (
+        "Qwen3",
+        {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+         "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+         "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True},
+        596_049_920,
+    ),
+    "smollm3-3b": (
+        "SmolLM3",
+        {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+         "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 65536,
+         "rms_norm_eps": 1e-6, "rope_theta": 5e6, "tie_word_embeddings": True, "no_rope_layer_interval": 4},
+        3_075_098_624,
+    ),
+    "mistral-7b": (
+        "Mistral",
+        {"vocab_size": 32768, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+         "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "tie_word_embeddings": False},
+        7_248_023_552,
+    ),
+    "gemma3-1b": (
+        ("Gemma3Text", "Gemma3"),  # Gemma3ForCausalLM takes a Gemma3TextConfig
+        {"vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+         "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 32768,
+         "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "query_pre_attn_scalar": 256,
+         "sliding_window": 512, "sliding_window_pattern": 6, "final_logit_softcapping": None},
+        999_885_952,
+    ),
+    "gemma2-2b": (
+        "Gemma2",
+        {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
+         "rms_norm_eps": 1e-6, "rope_theta": 1e4, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+         "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+        2_614_341_888,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", sorted(REAL_SHAPES))
+def test_real_shape_is_the_public_model(model):
+    """A real-shape model YAML reads back from the public model's config.json as itself (every key the HF import
+    maps) and has its parameter count, on the meta device (nothing allocated)."""
+    import torch
+    import transformers
+
+    from abi_train.models import build_model
+    from abi_train.models.families import family
+    from abi_train.models.gpt import GPTConfig
+
+    kind, shape, params = REAL_SHAPES[model]
+    config_kind, model_kind = kind if isinstance(kind, tuple) else (kind, kind)
+    cfg = yaml.safe_load((CONFIGS / "model" / f"{model}.yaml").read_text())
+    config = getattr(transformers, f"{config_kind}Config")(**shape)
+    mapped = family(cfg["style"]).config_from_hf(config.to_dict(), "config.json")
+    assert GPTConfig(**mapped, style=cfg["style"], name=model) == GPTConfig(
+        **{k: v for k, v in cfg.items() if k != "arch"}
+    )
+    with torch.device("meta"):
+        ours, theirs = build_model(cfg), getattr(transformers, f"{model_kind}ForCausalLM")(config)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == params
 
 
 @pytest.mark.parametrize("data", options("data"))

@@ -10,7 +10,11 @@ architecture its family file names (llama, qwen2, qwen3, gemma2, gemma3, phi3, s
 - RoPE: ``head_dim`` apart from d_model/n_head is ``attention.key_length``/``value_length``; partial rotary is
   ``rope.dimension_count``; linear scaling is ``rope.scaling.type/factor``; Llama 3's scaling is the
   ``rope_freqs.weight`` tensor of per-frequency divisors that llama.cpp's converter writes (and reads back into
-  our ``rope_scaling``). A family's own keys (sliding window, soft-caps) come from its ``gguf_metadata``.
+  our ``rope_scaling``); LongRoPE (Phi-3/4) is ``rope_factors_long/short.weight`` with
+  ``rope.scaling.attn_factor`` and ``rope.scaling.original_context_length``, as llama.cpp's Phi3MiniModel writes
+  them (llama.cpp picks the long factors when its context exceeds the original length, as our table does), for
+  the architectures whose llama.cpp graph reads them. A family's own keys (sliding window, soft-caps) come from
+  its ``gguf_metadata``.
 - Our own files carry ``abi_train.style``, so a family llama.cpp shares an architecture with (Mistral: llama)
   comes back as itself.
 """
@@ -24,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gguf import GGUFWriter, RopeScalingType
+from gguf import MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, GGUFWriter, RopeScalingType
 
 from abi_train.errors import UserError
 from abi_train.export.gguf_common import add_tokenizer
 from abi_train.models.families import Family, families, family, family_for_gguf
 from abi_train.models.gpt import GPTConfig
-from abi_train.models.layers import RMSNorm, rope_frequencies
+from abi_train.models.layers import RMSNorm, rope_attention_factor, rope_frequencies
 from abi_train.models.qkv import (
     add_zero_biases,
     check_parts,
@@ -47,6 +51,7 @@ NEEDS_TOKENIZER = True
 ARCHITECTURES = tuple(sorted({fam.gguf_architecture for fam in families().values()}))
 KEEP_F32 = ("position_embd.weight",)
 ROPE_FREQS = "rope_freqs.weight"
+ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}  # LongRoPE
 STYLE_KEY = "abi_train.style"
 LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 
@@ -60,12 +65,27 @@ def llama3_rope_factors(head_dim: int, theta: float, scaling: dict[str, Any]) ->
     return rope_frequencies(head_dim, theta) / rope_frequencies(head_dim, theta, scaling)
 
 
+def takes_rope_factors(arch: str) -> bool:
+    """Whether llama.cpp's ``arch`` reads LongRoPE's rope_factors_long/short (gguf-py's tensor lists say)."""
+    ids = {name: a for a, name in MODEL_ARCH_NAMES.items()}
+    return arch in ids and MODEL_TENSOR.ROPE_FACTORS_LONG in MODEL_TENSORS[ids[arch]]
+
+
+def _longrope(c: GPTConfig) -> bool:
+    return (c.rope_scaling or {}).get("type") == "longrope"
+
+
 def add_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], tokenizer_path: Path) -> None:
     c = model.cfg
     fam = family(c.style)
     reason = fam.refusal(c, "gguf")
     if reason:
         raise UserError(reason)
+    if _longrope(c) and not takes_rope_factors(fam.gguf_architecture):
+        raise UserError(
+            f"llama.cpp's {fam.gguf_architecture} reads no LongRoPE factors: a style={c.style} model with "
+            "rope_scaling.type=longrope would not run as trained in GGUF; export it with --format hf"
+        )
     writer.add_string(STYLE_KEY, c.style)
     writer.add_context_length(c.context_length)
     writer.add_embedding_length(c.d_model)
@@ -87,6 +107,9 @@ def add_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], tokenizer
         if (c.rope_scaling or {}).get("type") == "linear":
             writer.add_rope_scaling_type(RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
+        if _longrope(c):
+            writer.add_rope_scaling_attn_factors(rope_attention_factor(c.rope_scaling, c.context_length))
+            writer.add_rope_scaling_orig_ctx_len(int(c.rope_scaling["original_max_position_embeddings"]))
     if fam.gguf_metadata is not None:
         fam.gguf_metadata(writer, c)
     add_tokenizer(writer, tokenizer_path, c.vocab_size)
@@ -130,6 +153,8 @@ def to_gguf(model: Any) -> dict[str, torch.Tensor]:
     out = group(parts, c, fam.gguf_block, top, lambda i: f"blk.{i}.", _permute(fam, c))
     if (c.rope_scaling or {}).get("type") == "llama3":
         out[ROPE_FREQS] = llama3_rope_factors(c.rope_dim, c.rope_theta, c.rope_scaling)
+    if _longrope(c):
+        out |= {name: torch.tensor(c.rope_scaling[key], dtype=torch.float32) for key, name in ROPE_FACTORS.items()}
     return out
 
 
@@ -245,14 +270,36 @@ def _rope_config(
             raise UserError(f"GGUF file has both rope.scaling.type and {ROPE_FREQS}; not supported")
         if (scaling := llama3_scaling_from_factors(tensors[ROPE_FREQS], rope_dim, cfg["rope_theta"])) is not None:
             cfg["rope_scaling"] = scaling
+    if any(name in tensors for name in ROPE_FACTORS.values()):
+        if "rope_scaling" in cfg:
+            raise UserError("GGUF file has LongRoPE factors beside another RoPE scaling; not supported")
+        cfg["rope_scaling"] = longrope_from_gguf(kv, tensors, a, rope_dim)
     return cfg
+
+
+def longrope_from_gguf(kv: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], a: str, rope_dim: int) -> dict:
+    """Our LongRoPE scaling of llama.cpp's factors (a missing set: ones, as llama.cpp computes without it), its
+    original context (default: the context, as llama.cpp) and attention factor (kept where it is not the default
+    one of that context)."""
+    context = int(_need(kv, f"{a}.context_length"))
+    scaling: dict[str, Any] = {"type": "longrope"}
+    for key, name in ROPE_FACTORS.items():
+        factors = tensors[name].float().flatten() if name in tensors else torch.ones(rope_dim // 2)
+        if factors.numel() != rope_dim // 2:
+            raise UserError(f"GGUF {name} has {factors.numel()} entries; the rotary size needs {rope_dim // 2}")
+        scaling[key] = factors.tolist()
+    scaling["original_max_position_embeddings"] = int(kv.get(f"{a}.rope.scaling.original_context_length", context))
+    attn = kv.get(f"{a}.rope.scaling.attn_factor")
+    if attn is not None and not math.isclose(attn, rope_attention_factor(scaling, context), rel_tol=1e-6):
+        scaling["attention_factor"] = float(attn)
+    return scaling
 
 
 def from_gguf(tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     c = GPTConfig(**{k: v for k, v in config.items() if k != "arch"})
     fam = family(c.style)
     # rope_freqs is config (rope_scaling); zero biases of a bias-free model are the exporter's padding
-    skip = {ROPE_FREQS}
+    skip = {ROPE_FREQS, *ROPE_FACTORS.values()}
     if fam.gguf_needs_biases and not c.bias:
         skip |= {n for n in tensors if n.endswith(".bias")}
     items = ((n, tensors[n]) for n in tensors if n not in skip)

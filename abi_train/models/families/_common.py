@@ -80,7 +80,23 @@ def rope_from_hf(params: Any, c: Mapping[str, Any], where: str) -> tuple[float, 
         if missing:
             raise UserError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
         return theta, {"type": "llama3", **{k: float(params[k]) for k in keys[:3]}, keys[3]: int(params[keys[3]])}
-    raise UserError(f"{where}: rope type {kind!r} is not supported; supported: default, linear, llama3")
+    if kind == "longrope":  # Phi-3's original_max_position_embeddings sits beside rope_scaling
+        scaling = {"short_factor": params.get("short_factor"), "long_factor": params.get("long_factor")}
+        scaling["original_max_position_embeddings"] = params.get(
+            "original_max_position_embeddings", c.get("original_max_position_embeddings")
+        )
+        missing = [k for k, v in scaling.items() if v is None]
+        if missing:
+            raise UserError(f"{where}: longrope rope scaling lacks {', '.join(missing)}")
+        optional = {k: float(params[k]) for k in ("factor", "attention_factor") if params.get(k) is not None}
+        return theta, {
+            "type": "longrope",
+            "short_factor": [float(f) for f in scaling["short_factor"]],
+            "long_factor": [float(f) for f in scaling["long_factor"]],
+            "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+            **optional,
+        }
+    raise UserError(f"{where}: rope type {kind!r} is not supported; supported: default, linear, llama3, longrope")
 
 
 def hf_act(c: Mapping[str, Any], where: str, key: str = "hidden_act", default: str = "silu") -> str:
@@ -111,6 +127,37 @@ def llama_config_from_hf(c: Mapping[str, Any], where: str) -> dict[str, Any]:
         "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
         "act": hf_act(c, where),
     }
+
+
+def full_attention_only(c: Mapping[str, Any], where: str) -> None:
+    """Qwen3's and SmolLM3's configs can switch on a sliding window that no released model of theirs uses: its
+    layers are those ``layer_types`` names (older files without it: use_sliding_window with a window)."""
+    types = c.get("layer_types")
+    if "sliding_attention" in types if types else c.get("use_sliding_window") and c.get("sliding_window"):
+        raise UserError(
+            f"{where}: sliding-window layers (use_sliding_window=true, layer_types) are not supported; abi_train "
+            "reads full attention for this architecture"
+        )
+
+
+def sliding_refusal(cfg: Any) -> str | None:
+    """Why a model with sliding layers has no form in a family that ``full_attention_only`` reads."""
+    if "sliding" in cfg.layer_types:
+        return f"a {cfg.style}-style model with sliding layers has no {cfg.style} form (set model.sliding_window: null)"
+    return None
+
+
+def gguf_bias_refusal(cfg: Any, fmt: str, arch: str) -> str | None:
+    """Why a model with attention biases has no GGUF form where llama.cpp's graph loads none (qwen3, smollm3: a
+    file with them fails to load)."""
+    if fmt == "gguf" and cfg.attention_bias:
+        return f"a {cfg.style}-style model with attention_bias=true has no GGUF form (llama.cpp's {arch} has no biases)"
+    return None
+
+
+def biases_from_gguf(kv: Mapping[str, Any], tensors: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """HF's attention_bias (q/k/v/o) of a GGUF file: llama.cpp's Llama-shaped graphs add any bias they find."""
+    return {"attention_bias": any(n.startswith("blk.") and n.endswith(".bias") for n in tensors)}
 
 
 def rope_to_hf(theta: float, scaling: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
