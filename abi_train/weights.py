@@ -1,10 +1,10 @@
 """Where a run's starting weights come from: ``init_from=PATH``.
 
 PATH is an abi_train checkpoint (or run dir), a Hugging Face model folder (``config.json`` or, for
-open_clip, ``open_clip_config.json``, beside the weights) or a GGUF file. Each source gives the same
-``Pretrained``: the model's config (its shape, which then comes from PATH and not from the ``model``
-group), the weights in abi_train's names, the tokenizer and what the source says about its inputs
-(class names, image normalisation).
+open_clip, ``open_clip_config.json``, beside the weights) or a GGUF file; a Hugging Face hub id names one of
+the last two in the HF cache (``hub.py``). Each source gives the same ``Pretrained``: the model's config (its
+shape, which then comes from PATH and not from the ``model`` group), the weights in abi_train's names, the
+tokenizer and what the source says about its inputs (class names, image normalisation).
 
 The architecture adapters that translate names and configs live with the models (``models.SPECS``);
 this module only decides which source PATH is and merges its config with the run's.
@@ -12,6 +12,7 @@ this module only decides which source PATH is and merges its config with the run
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from abi_train import hub
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Model options that do not change the shape of the weights: the run's config keeps them. CLIP's tower
 # locks (LiT) only decide what trains.
@@ -36,9 +40,10 @@ class Pretrained:
     load_weights: Callable[[], dict[str, torch.Tensor]]  # abi_train's names; read only when training starts
     tokenizer: Tokenizer | None = None
     metadata: dict[str, Any] = field(default_factory=dict)  # class_names, image_mean, image_std, ...
+    hub_id: str | None = None  # init_from as typed, when it named a Hugging Face hub id (``path``: its snapshot)
 
     def describe(self) -> str:
-        return f"{self.kind} {self.path}"
+        return f"{self.kind} {self.hub_id} ({self.path})" if self.hub_id else f"{self.kind} {self.path}"
 
 
 # init_from names of models that pip packages ship: name -> (package, file inside it, the extra to install).
@@ -61,8 +66,16 @@ def packaged_model(name: str) -> Path:
 
 
 def load_pretrained(path: str | Path) -> Pretrained:
-    """Recognise PATH as a packaged model's name (PACKAGED), a GGUF file, a Hugging Face folder or an
+    """Recognise PATH as a packaged model's name (PACKAGED), a Hugging Face hub id (``org/name``: the HF
+    cache's snapshot, downloaded when it is not there; hub.py), a GGUF file, a Hugging Face folder or an
     abi_train checkpoint."""
+    if hub.is_hub_id(path):
+        pretrained = load_pretrained(hub.resolve(str(path)))
+        pretrained.hub_id = str(path)
+        if pretrained.kind == "hf" and "name" in pretrained.model_config:  # the repo's name, not the commit hash
+            pretrained.model_config["name"] = hub.parse(str(path)).repo_id.split("/")[1]
+        log.info("init_from=%s: %s", path, pretrained.describe())
+        return pretrained
     if str(path).lower() in PACKAGED and not Path(path).exists():
         path = packaged_model(str(path).lower())
     path = Path(path).expanduser()
