@@ -5,6 +5,7 @@ file in tests/family_cases:
 - init_from the HF folder: our logits equal transformers' (fp32, <= 1e-4), on a text longer than any sliding
   window; ``--format hf`` loads back in transformers with the same logits;
 - the GGUF export runs in llama.cpp: logits to relative error <= 2e-3 and the same greedy continuation;
+  a case llama.cpp cannot compute (``gguf_refuses``) is refused instead, model and adapter, in one line;
 - files llama.cpp itself quantized from ours (Q8_0, Q4_K_M) import back with logits close to llama.cpp's on
   that same file;
 - LoRA: the PEFT folder loads in peft over the transformers base with our logits; the llama.cpp adapter over
@@ -23,6 +24,7 @@ from conftest import llamacpp_logits
 from family_cases import FamilyCase
 from test_hf_llm import tiny_tokenizer
 
+from abi_train.errors import UserError
 from abi_train.export import export_gguf
 from abi_train.export.gguf_lora import export_gguf_lora
 from abi_train.hf import load_hf_folder, write_hf_folder
@@ -37,7 +39,8 @@ transformers = pytest.importorskip("transformers")
 CASES: dict[str, FamilyCase] = {}
 for _file in sorted((Path(__file__).parent / "family_cases").glob("[!_]*.py")):
     CASES |= importlib.import_module(f"family_cases.{_file.stem}").CASES
-GGUF_CASES = [name for name, case in CASES.items() if case.gguf]
+GGUF_CASES = [name for name, case in CASES.items() if case.gguf and not case.gguf_refuses]
+REFUSED_GGUF_CASES = [name for name, case in CASES.items() if case.gguf_refuses]
 TEXT = "def function_7(x):\n    return 'hello world' * 3 + function_8(x) - 'hello world'"
 META = {"family": "llm", "step": 0}
 TOL = 1e-4
@@ -128,6 +131,20 @@ def test_gguf_export_runs_in_llamacpp(folder, tmp_path, name):
     assert theirs == mine
 
 
+@pytest.mark.parametrize("name", REFUSED_GGUF_CASES)
+def test_gguf_export_refuses_what_llamacpp_cannot_compute(folder, tmp_path, name):
+    """A case llama.cpp would run wrong (a feature its architecture lacks): the GGUF export and the llama.cpp
+    adapter export refuse in one line, and no file appears."""
+    src, _ = folder(name)
+    model, tok = lora_model(src, CASES[name]), src / "tokenizer.json"
+    with pytest.raises(UserError, match=CASES[name].gguf_refuses) as refused:
+        export_gguf(model, META, tok, tmp_path / "m.gguf", "f32")
+    assert "\n" not in str(refused.value)
+    with pytest.raises(UserError, match=CASES[name].gguf_refuses):
+        export_gguf_lora(model, {**META, "adapter": {}}, tmp_path / "adapter.gguf")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M"])
 @pytest.mark.parametrize("name", GGUF_CASES)
@@ -196,5 +213,6 @@ def test_llamacpp_adapter_equals_merged(folder, tmp_path, name):
         with_adapter = np.array(llm.scores[: len(x)])
     finally:
         llm.close()
-    assert rel(with_adapter, llamacpp_logits(merged, x)) <= 1e-4
+    if CASES[name].adapter_exact:
+        assert rel(with_adapter, llamacpp_logits(merged, x)) <= 1e-4
     assert rel(with_adapter, our_logits(model, x)) <= 2e-3

@@ -217,6 +217,24 @@ def test_kv_cache_gives_the_logits_of_a_full_forward(style):
     assert torch.equal(m.generate(prompt, 16, temperature=0), uncached(prompt, 16))
 
 
+@pytest.mark.parametrize("layer_types", [None, ["sliding", "full"]])
+def test_kv_cache_keeps_the_sliding_window(layer_types):
+    """Past the window (Mistral v0.1's, or Gemma's sliding layers), cached decoding, one token or a chunk at a
+    time, sees only the last ``window`` positions: the logits of a full forward, which differ from unwindowed."""
+    from abi_train.models.layers import KVCache
+
+    m = tiny(sliding_window=8, layer_types=layer_types)
+    seq = torch.randint(0, 128, (2, 40))
+    full = m(seq)
+    caches = [KVCache() for _ in m.blocks]
+    steps = [m(seq[:, :20], caches=caches)] + [m(seq[:, t : t + 1], caches=caches) for t in range(20, 36)]
+    steps.append(m(seq[:, 36:40], caches=caches))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    plain = tiny()(seq)  # the same weights, full attention: equal until the window fills, apart after
+    torch.testing.assert_close(full[:, :8], plain[:, :8], rtol=1e-5, atol=1e-5)
+    assert (full[:, 8:] - plain[:, 8:]).abs().max() > 1e-3
+
+
 def write_checkpoint(run_dir: Path, model, tokenizer: Tokenizer, family: str = "llm") -> Path:
     tmp = ckpt.begin_checkpoint(run_dir, 7)
     ckpt.write_weights(tmp, model)

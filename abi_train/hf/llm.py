@@ -119,7 +119,8 @@ def metadata_from_hf(folder: HFFolder, config: dict[str, Any]) -> dict[str, Any]
 
 
 def _hf_config(c: GPTConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
-    ids: dict[str, Any] = {}
+    # null without a tokenizer: a config class's own ids (SmolLM3's pad 128004) may lie outside this vocabulary
+    ids: dict[str, Any] = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}

@@ -12,6 +12,7 @@ from abi_train.models.families._common import (
     HF_BLOCK,
     HF_TOP,
     LLAMA_DEFAULTS,
+    biases_from_gguf,
     llama_config_from_hf,
     llama_hf_config,
 )
@@ -29,11 +30,6 @@ def hf_config(cfg: Any) -> dict[str, Any]:
     }
 
 
-def config_from_gguf(kv: Mapping[str, Any], tensors: Mapping[str, Any], arch: str) -> dict[str, Any]:
-    # llama.cpp's llama graph adds any q/k/v/o bias it finds: HF Llama's attention_bias
-    return {"attention_bias": any(n.startswith("blk.") and n.endswith(".bias") for n in tensors)}
-
-
 FAMILY = Family(
     name="llama",
     defaults=LLAMA_DEFAULTS,
@@ -46,5 +42,5 @@ FAMILY = Family(
     gguf_block=GGUF_BLOCK,
     gguf_top=GGUF_TOP,
     gguf_permute_qk=True,
-    config_from_gguf=config_from_gguf,
+    config_from_gguf=biases_from_gguf,
 )
