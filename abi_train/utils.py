@@ -6,20 +6,8 @@ import random
 
 import numpy as np
 import torch
-from torch import nn
 
 from abi_train.errors import UserError
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The raw model inside DDP and torch.compile wrappers (FSDP2 shards in place and needs none)."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def pick_device(spec: str, local_rank: int = 0) -> torch.device:

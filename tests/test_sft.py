@@ -1,7 +1,7 @@
 """Chat SFT (recipe=sft): packed rows compute what separate sequences do, packed and padded batches give the same
 loss, the bad inputs are one line through the CLI, the recipe runs on a tiny model (full fine-tuning, then LoRA
-on top of that run), and the shipped default gives SmolLM2 its persona (smollm2 + slow), which llama.cpp's
-OpenAI-compatible server then streams (llamacpp)."""
+on top of that run; compiled, its evaluation stays eager), and the shipped default gives SmolLM2 its persona
+(smollm2 + slow), which llama.cpp's OpenAI-compatible server then streams (llamacpp)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,21 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, run_abi
+from conftest import compose_cfg, read_metrics, run_abi
+from torch._dynamo.testing import CompileCounter
 
 from abi_train.data.sft import Example, PackedRows, PaddedConversations, collate_packed, collate_padded
+from abi_train.distributed import DistInfo
 from abi_train.models import build_model
+from abi_train.tasks import task_class
+from abi_train.tasks.base import EvalResult
+from abi_train.trainer import Trainer
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -204,6 +210,50 @@ def test_recipe_runs_full_then_lora_on_that_run(chat_files: dict[str, Path], tmp
     assert proc.returncode == 0, proc.stderr
     assert (lora / "model.gguf").is_file() and "padded per micro-batch" in proc.stderr
     assert np.isfinite([r["train/loss"] for r in read_metrics(lora) if "train/loss" in r]).all()
+
+
+@pytest.fixture
+def graph_counter(monkeypatch: pytest.MonkeyPatch) -> Iterator[CompileCounter]:
+    """torch.compile with a backend that counts the graphs dynamo makes and runs them as they are (inductor
+    would take minutes on 2 CPU cores); dynamo's caches are cleared before and after."""
+    counter, compile_ = CompileCounter(), torch.compile
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend=counter))
+    yield counter
+    torch._dynamo.reset()
+
+
+def test_compiled_run_evaluates_on_the_eager_module(
+    chat_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, graph_counter: CompileCounter
+) -> None:
+    """trainer.compile=true compiles the train step alone: the evaluations (at the start too; held-out loss through
+    the labelled-only gather, greedy persona replies, a sampled reply) compile nothing and give eager's numbers, and
+    the packed train step (B x seq_len rows) stops compiling after its first steps."""
+    graphs: list[tuple[int, int]] = []  # compiled graphs before and after each evaluation
+    evaluate = Trainer.evaluate
+
+    def counted(self: Trainer) -> EvalResult:
+        before = graph_counter.frame_count
+        result = evaluate(self)
+        graphs.append((before, graph_counter.frame_count))
+        return result
+
+    monkeypatch.setattr(Trainer, "evaluate", counted)
+    evals = {}
+    for compiled in (True, False):
+        run_dir = tmp_path / f"compile_{compiled}"
+        args = tiny_sft(chat_files, run_dir, "data.persona=Abi", "trainer.max_steps=4", "trainer.eval_every=2")
+        extra = ["trainer.eval_at_start=true", "trainer.ckpt_every=0", f"trainer.compile={compiled}"]
+        cfg = compose_cfg([a for a in args if not a.startswith("hydra.")] + extra)
+        Trainer(cfg, task_class(cfg.task)(cfg, DistInfo()), run_dir, DistInfo()).fit()
+        evals[compiled] = [r for r in read_metrics(run_dir) if "val/loss" in r]
+        if compiled:
+            assert [after - before for before, after in graphs] == [0, 0, 0]  # at steps 0, 2 and 4
+            assert graphs[0][0] == 0 and graphs[1][0] == graphs[2][0] > 0  # steps 3 and 4 compiled nothing
+    assert [r["step"] for r in evals[True]] == [0, 2, 4] and "val/persona_rate" in evals[True][0]
+    assert evals[True][0] == evals[False][0]  # the same weights through the same eager module
+    for got, want in zip(evals[True][1:], evals[False][1:], strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 # --- the shipped default (SmolLM2, LoRA, the persona set) ------------------------------------------

@@ -89,6 +89,9 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         """Validation metrics and media; called on every rank at the same steps (no_grad, the run's autocast).
 
+        ``model`` is the module itself, never compiled and without DDP's wrapper (under FSDP2 the sharded module):
+        its own methods (``generate``, ``encode_text``) are called as they are.
+
         The contract, the same for every family: the ranks share the items out (``distributed.eval_shard``);
         every rank makes as many forward calls as the others, a number known up front (FSDP gathers weights
         inside each: ``distributed.eval_batch_count``, ``pad_batches``); the scalars are reduced (sums via
@@ -118,7 +121,7 @@ class Task(ABC):
         return _move(batch, device)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
-        """E.g. CLIP clamps its logit scale here."""
+        """E.g. CLIP clamps its logit scale here (``model``: the module itself, as in ``evaluate``)."""
 
     def save_artifacts(self, directory: Path) -> None:
         """Write what inference needs beside the weights (tokenizer.json, class names)."""

@@ -32,7 +32,6 @@ from abi_train.errors import UserError
 from abi_train.losses import clip_loss, siglip_loss
 from abi_train.tasks.base import EvalResult, Task
 from abi_train.tasks.vit import image_size_from
-from abi_train.utils import unwrap
 
 LOSSES = ("clip", "siglip")
 SIM_PAIRS = 12  # pairs shown in the similarity-matrix image
@@ -166,14 +165,13 @@ class CLIPTask(Task):
         return {"images": images, "tokens": tokens, "skipped": 0}
 
     def after_optimizer_step(self, model: nn.Module) -> None:
-        unwrap(model).clamp_logit_scale()
+        model.clamp_logit_scale()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         """val/loss (in chunks of the global batch size, as in training) and retrieval recall@1/5/10 over
         the whole val set; zero-shot top-1/top-5 over the zero-shot images. Each rank embeds its share of
         the items; the embeddings are gathered, so every rank computes one process's numbers."""
-        raw = unwrap(model)
         dist = self.dist
         n, size = len(self.val_set), self.cfg.trainer.batch_size
         mine = list(eval_shard(n, dist.rank, dist.world_size))
@@ -186,7 +184,7 @@ class CLIPTask(Task):
             items = [self.val_set[i] for i in mine[start : start + size]]
             val_skipped += sum(x["skipped"] for x in items[: max(0, real - start)])
             batch = self.to_device(collate_pairs(items), device)
-            img, txt, scale, bias = raw(self.normalize(batch["images"]), batch["tokens"])
+            img, txt, scale, bias = model(self.normalize(batch["images"]), batch["tokens"])
             imgs.append(img.float())
             txts.append(txt.float())
         img, txt = gather_shards(torch.cat(imgs), n), gather_shards(torch.cat(txts), n)
@@ -200,7 +198,7 @@ class CLIPTask(Task):
         scalars = {"val/loss": (torch.stack(losses).sum() / n).item()}
         scalars |= _recall(sim, "i2t") | _recall(sim.T, "t2i")
         if self.zero_shot is not None:
-            scalars |= self._zero_shot(raw, device)
+            scalars |= self._zero_shot(model, device)
         counts = all_reduce_sum(torch.tensor([self.skipped, val_skipped], dtype=torch.float64, device=device))
         scalars["data/skipped_images"] = counts[0].item()
         if counts[1]:

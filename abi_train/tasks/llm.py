@@ -25,7 +25,6 @@ from abi_train.data.tokens import TokenWindows, collate_windows
 from abi_train.distributed import all_reduce_sum, eval_batch_count, eval_shard, main_first
 from abi_train.errors import UserError
 from abi_train.tasks.base import EvalResult, Task
-from abi_train.utils import unwrap
 
 SAMPLE_PROMPT = "The"  # the evaluation sample continues this, with a fixed seed, so samples compare over time
 SAMPLE_TOKENS = 48
@@ -174,7 +173,7 @@ class LLMTask(Task):
             # Every rank samples (under FSDP each forward is collective); rank 0's text is logged.
             gen = torch.Generator(device=device).manual_seed(0)
             prompt = torch.tensor([self.tokenizer.encode(SAMPLE_PROMPT)], device=device)
-            out = unwrap(model).generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=40, generator=gen)
+            out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=40, generator=gen)
             sample = self.tokenizer.decode(out[0].tolist())
         finally:
             model.train(was_training)

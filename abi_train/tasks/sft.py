@@ -41,7 +41,6 @@ from abi_train.data.sft import (
 from abi_train.distributed import all_reduce_sum, eval_batch_count, eval_shard, main_first
 from abi_train.tasks.base import EvalResult
 from abi_train.tasks.llm import LLMTask
-from abi_train.utils import unwrap
 
 
 class SFTTask(LLMTask):
@@ -154,14 +153,14 @@ class SFTTask(LLMTask):
             stats = torch.zeros(4, dtype=torch.float64, device=device)  # persona hits, asked; leaks, others
             # Replies: greedy for the persona counts, every rank its share; a short shard's extra calls are
             # not counted (under FSDP each forward is collective, so every rank makes as many).
-            raw, prompts = unwrap(model), self._prompts()
+            prompts = self._prompts()
             persona = re.compile(rf"\b{re.escape(self.persona)}\b", re.IGNORECASE) if self.persona else None
             replies: dict[int, str] = {}
             if persona is not None and prompts:
                 shard = list(eval_shard(len(prompts), rank, world))
                 for k in range(eval_batch_count(len(prompts), world, 1)):
                     i = shard[k] if k < len(shard) else 0
-                    reply = self._reply(raw, self.chat.encoder.prompt_ids(prompts[i][0]), device, temperature=0.0)
+                    reply = self._reply(model, self.chat.encoder.prompt_ids(prompts[i][0]), device, temperature=0.0)
                     if k < len(shard):
                         replies[i] = reply
                         hit = persona.search(reply) is not None
@@ -176,7 +175,7 @@ class SFTTask(LLMTask):
             picked = sorted(set(np.linspace(0, len(prompts) - 1, self.num_samples).round().astype(int).tolist()))
             for messages, reference, _ in [prompts[i] for i in picked] if prompts and self.num_samples else []:
                 ids = self.chat.encoder.prompt_ids(messages)
-                reply = self._reply(raw, ids, device, temperature=0.7, top_k=40, generator=gen)
+                reply = self._reply(model, ids, device, temperature=0.7, top_k=40, generator=gen)
                 lines.append(f"**{messages[-1]['content']}**\n\n{reply}\n\n(reference: {reference})")
         finally:
             model.train(was_training)
