@@ -213,7 +213,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def adapters_by_part(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every LoRA update of a decoder as ``blocks.N.<part>`` -> (A, B) in fp32, parts as ``models.qkv`` names
+    """Every LoRA update of a decoder as ``blocks.N.<part>`` -> (A, B) in fp32 on the CPU, parts as ``models.qkv`` names
     them (``attn.q``, ``attn.proj``, ``mlp.up``, ...): what the PEFT and llama.cpp adapter exports regroup."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in lora_layers(model):
@@ -221,7 +221,9 @@ def adapters_by_part(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
         if parts[0] != "blocks":
             raise UserError(f"LoRA layer {name!r} is outside the blocks; adapter formats have no name for it")
         for target in layer.slices:
-            a, b = layer.lora_a[target].detach().float(), layer.lora_b[target].detach().float()
+            a, b = (
+                t[target].detach().float().cpu() for t in (layer.lora_a, layer.lora_b)
+            )  # files are written from host memory
             out[f"blocks.{parts[1]}.{LORA_PARTS[target]}"] = (a, b)
     return out
 

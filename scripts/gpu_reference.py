@@ -5,6 +5,7 @@
     python scripts/gpu_reference.py timm-vit --batch 256
     python scripts/gpu_reference.py open-clip --batch 512
     python scripts/gpu_reference.py hf-llama --shape llama-135m --lora 16 --batch 8   (transformers + peft)
+    python scripts/gpu_reference.py hf-family --shape gemma3-1b --batch 4   (any configs/model YAML's family)
 
 Each builds the reference model on the GPU, one synthetic batch, bf16 autocast (--precision fp32: none, as
 nanoGPT's train.py on a CPU), AdamW as the reference configures it, grad clip 1.0, torch.compile (unless
@@ -155,11 +156,51 @@ def hf_llama(batch: int, seq: int, device: torch.device, shape: str = "llama-135
     return model, opt, tokens, loss_fn, "tokens", batch * seq, flops, sizes
 
 
+def hf_family(batch: int, seq: int, device: torch.device, shape: str = "qwen3-0.6b", lora: int = 0):
+    """The transformers model of any abi_train model YAML (configs/model/SHAPE.yaml: Qwen3, Gemma 3, Phi, ...),
+    its config.json from the family's own map, randomly initialised, SDPA attention (eager where transformers
+    has no SDPA form: Gemma 2); ``lora`` as hf-llama."""
+    import transformers
+    import yaml
+
+    from abi_train.cli import config_dir
+    from abi_train.hf.llm import gpt_config
+    from abi_train.models.families import family
+
+    raw = yaml.safe_load((config_dir() / "model" / f"{shape}.yaml").read_text())
+    cfg = gpt_config(raw | {"vocab_size": raw["vocab_size"] or 512})  # debug sizes take the tokenizer's: any
+    hf = family(cfg.style).hf_config(cfg) | {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings}
+    hf["max_position_embeddings"] = max(seq, hf.get("max_position_embeddings") or 0)
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    except ValueError:  # Gemma 2: soft-capped scores, which SDPA cannot take
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = model.to(device)
+    if lora:
+        import peft
+
+        targets = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj"]
+        targets = [t for t in targets + ["down_proj"] if any(n.endswith(t) for n, _ in model.named_modules())]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora, lora_alpha=2 * lora, target_modules=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    loss_fn = lambda m, b: m(input_ids=b, labels=b).loss
+    with torch.device("meta"):
+        from abi_train.models.gpt import GPT
+
+        flops = GPT(cfg).flops_per_item()  # the same count as abi_train's bench reports
+    sizes = {"seq_len": seq, "shape": shape, "lora_rank": lora, "trainable_params": sum(p.numel() for p in params)}
+    return model, opt, tokens, loss_fn, "tokens", batch * seq, flops, sizes
+
+
 WORKLOADS = {
     "nanogpt": (nanogpt, 1024),
     "timm-vit": (timm_vit, 224),
     "open-clip": (open_clip_b32, 224),
     "hf-llama": (hf_llama, 2048),
+    "hf-family": (hf_family, 2048),
 }
 
 
@@ -193,6 +234,8 @@ def main() -> None:
         default_size = 64 if args.shape == "cpu" else default_size
     if args.workload == "hf-llama":
         extra.update(shape=args.shape or "llama-135m", lora=args.lora)
+    if args.workload == "hf-family":
+        extra.update(shape=args.shape or "qwen3-0.6b", lora=args.lora)
     model, opt, data, loss_fn, unit, items, flops, sizes = build(args.batch, args.size or default_size, device, **extra)
     model.train()
     run = model if args.eager else torch.compile(model)

@@ -149,7 +149,7 @@ def _hf_adapters(model: nn.Module, style: str) -> dict[str, tuple[torch.Tensor, 
     for name, layer in lora_layers(model):
         _, index, *rest = name.split(".")
         for target in layer.slices:
-            a, b = layer.lora_a[target].detach().float(), layer.lora_b[target].detach().float()
+            a, b = (t[target].detach().float().cpu() for t in (layer.lora_a, layer.lora_b))
             out[_vit_module(index, ".".join(rest), target)] = (a, b, 1)
     return out
 
