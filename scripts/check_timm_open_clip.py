@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from abi_train.models import build_model
-from abi_train.weights import load_pretrained, load_pretrained_weights
+from abi_train.sources import load_pretrained
+from abi_train.weights import load_pretrained_weights
 
 TOL = 1e-4
 failures: list[str] = []

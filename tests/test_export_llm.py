@@ -21,7 +21,7 @@ from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 from abi_train.export import export_checkpoint, export_gguf
 from abi_train.export.gguf_llm import to_gguf
-from abi_train.export.reader import read_gguf
+from abi_train.gguf_reader import read_gguf
 from abi_train.models import build_model
 from abi_train.models.layers import apply_rope, rope_cache
 from abi_train.models.qkv import permute_rope as permute

@@ -24,12 +24,13 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, TokenType
 from gguf.quants import dequantize
 
 from abi_train import checkpoint as ckpt
+from abi_train import sources
 from abi_train.data.pairs import SOT, CaptionEncoder
 from abi_train.data.tokenizer import EOS, Tokenizer
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
 from abi_train.export import export_checkpoint, export_gguf, gguf_clip, gguf_vit
-from abi_train.export.reader import read_gguf
+from abi_train.gguf_reader import read_gguf
 from abi_train.models import build_model
 from abi_train.tasks import task_class
 from abi_train.trainer import Trainer
@@ -329,14 +330,14 @@ def test_training_runs_export_and_the_cli(tmp_path, monkeypatch, capsys):
     clip_run = train(tmp_path / "clip", ["recipe=clip", "data.num_train=32", "data.num_val=16",
                                          "data.num_zero_shot=96", "trainer.batch_size=8", "loss=siglip"])  # fmt: skip
     images = torch.randn(2, 3, 32, 32)
-    original, meta = ckpt.load_model(vit_run)
+    original, meta = sources.load_model(vit_run)
     rebuilt, _, kv = read_gguf(vit_run / "model.gguf")
     with torch.no_grad():
         assert (rebuilt(images) - original(images)).abs().max() < 1e-5
     assert kv["abi_train.class_names"] == meta["metadata"]["class_names"] and len(kv["abi_train.class_names"]) == 12
     assert kv["clip.vision.image_mean"] == pytest.approx(meta["metadata"]["image_mean"])
 
-    original, meta = ckpt.load_model(clip_run)
+    original, meta = sources.load_model(clip_run)
     rebuilt, tok, kv = read_gguf(clip_run / "model.gguf")
     ids = CaptionEncoder(tok, 32)("a photo of a red circle.")[None]
     with torch.no_grad():

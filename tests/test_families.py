@@ -32,7 +32,8 @@ from abi_train.hf.llm import to_hf
 from abi_train.hf.peft import write_peft_folder
 from abi_train.lora import LoRAConfig, apply_lora, lora_layers
 from abi_train.models import build_model
-from abi_train.weights import load_pretrained, load_pretrained_weights
+from abi_train.sources import load_pretrained
+from abi_train.weights import load_pretrained_weights
 
 transformers = pytest.importorskip("transformers")
 

@@ -31,9 +31,10 @@ from abi_train.errors import UserError
 from abi_train.export import export_gguf, gguf_common
 from abi_train.export.gguf_common import PRE_TOKENIZERS
 from abi_train.export.gguf_llm import llama3_rope_factors, llama3_scaling_from_factors, to_gguf
-from abi_train.export.reader import load_gguf, read_gguf
+from abi_train.gguf_reader import load_gguf, read_gguf
 from abi_train.models import build_model
-from abi_train.weights import load_pretrained, load_pretrained_weights
+from abi_train.sources import load_pretrained
+from abi_train.weights import load_pretrained_weights
 
 Q = GGMLQuantizationType
 META = {"family": "llm", "step": 1}

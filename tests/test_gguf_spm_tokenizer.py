@@ -29,7 +29,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from abi_train.errors import UserError
 from abi_train.export import export_gguf
-from abi_train.export.reader import load_gguf
+from abi_train.gguf_reader import load_gguf
 from abi_train.models import build_model
 
 SPACE = "\u2581"

@@ -14,10 +14,12 @@ from conftest import assert_export_cli_refuses, llamacpp_logits, run_abi
 
 from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
-from abi_train.hf import export_hf, load_hf_folder, parse_size, write_hf_folder
+from abi_train.export import export_hf
+from abi_train.hf import load_hf_folder, parse_size, write_hf_folder
 from abi_train.hf.llm import to_hf
 from abi_train.models import build_model
-from abi_train.weights import load_pretrained, load_pretrained_weights
+from abi_train.sources import load_pretrained
+from abi_train.weights import load_pretrained_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -200,7 +202,7 @@ def test_train_from_hf_then_export_cli(tmp_path, cache_dir):
     assert (out / "model.safetensors.index.json").is_file()
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
-    from abi_train.checkpoint import load_model
+    from abi_train.sources import load_model
 
     ours, _ = load_model(run)
     back = transformers.LlamaForCausalLM.from_pretrained(out).eval()

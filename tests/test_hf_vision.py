@@ -18,20 +18,22 @@ from conftest import compose_cfg, run_abi
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTForImageClassification
 
-from abi_train.checkpoint import load_model, resolve_checkpoint
+from abi_train.checkpoint import resolve_checkpoint
 from abi_train.data.pairs import SOT
 from abi_train.data.synthetic import ShapesDataset
 from abi_train.data.synthetic_pairs import SyntheticPairs
 from abi_train.data.tokenizer import EOS, Tokenizer
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
+from abi_train.export import export_hf
 from abi_train.hf import clip as hf_clip
-from abi_train.hf import export_hf, write_hf_folder
 from abi_train.hf import vit as hf_vit
+from abi_train.hf import write_hf_folder
 from abi_train.models import build_model
+from abi_train.sources import load_model, load_pretrained
 from abi_train.tasks import task_class
 from abi_train.trainer import Trainer
-from abi_train.weights import load_pretrained, load_pretrained_weights
+from abi_train.weights import load_pretrained_weights
 
 TOL = 1e-4
 

@@ -19,7 +19,7 @@ from test_hf_llm import make_hf, ours_from, tiny_tokenizer
 
 from abi_train import hub
 from abi_train.errors import UserError
-from abi_train.weights import load_pretrained
+from abi_train.sources import load_pretrained
 
 MAIN, OTHER, GGUF, MAMBA = "a1" * 20, "b2" * 20, "c3" * 20, "d4" * 20
 DUMMY_GGUFS = ("tiny-Q4_K_M.gguf", "tiny-IQ4_XS.gguf", "tiny.Q4_0.gguf", "mmproj-tiny-Q8_0.gguf")

@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_LLM, compose_cfg, losses, read_metrics, run_abi
 
 from abi_train import checkpoint as ckpt
+from abi_train import sources
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
 from abi_train.lora import LoRAConfig, LoRALinear, apply_lora, freeze, lora_layers, merged
@@ -158,11 +159,11 @@ def test_lora_run_trains_only_the_adapter(tmp_path, cache_dir, base_run):
     assert [r["step"] for r in read_metrics(trainer.run_dir) if "val/loss" in r] == [0, 3, 6]
 
     # load_model rebuilds base + adapter; the GGUF written at the end is the merged model
-    model, _ = ckpt.load_model(trainer.run_dir)
+    model, _ = sources.load_model(trainer.run_dir)
     x = torch.randint(0, 100, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(model(x), trainer.raw_model.eval()(x))
-    from abi_train.export.reader import read_gguf
+    from abi_train.gguf_reader import read_gguf
 
     from_gguf, _, _ = read_gguf(trainer.run_dir / "model.gguf")
     with torch.no_grad():
@@ -235,7 +236,7 @@ def test_lora_on_vision_models_in_bf16(tmp_path, family):
     assert "adapter.gguf not written: llama.cpp LoRA adapters are for LLMs" in r.stderr
     assert (run / "model.gguf").is_file() and not (run / "adapter.gguf").exists()
     before = ckpt.read_state_dict(ckpt.latest_checkpoint(base) / "model.safetensors")
-    model, _ = ckpt.load_model(run)
+    model, _ = sources.load_model(run)
     trained = {n for n, p in model.named_parameters() if ".lora_" in n or (family == "vit" and n.startswith("head."))}
     towers = {n.split(".")[0] for n in trained if ".lora_" in n}
     assert towers == ({"blocks"} if family == "vit" else {"vision", "text"})

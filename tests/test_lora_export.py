@@ -22,14 +22,14 @@ from conftest import assert_export_cli_refuses, llamacpp_logits, run_abi
 from safetensors.torch import load_file
 from test_hf_llm import VOCAB, make_hf, tiny_tokenizer
 
-from abi_train.checkpoint import load_model
 from abi_train.errors import UserError
 from abi_train.export import export_gguf
 from abi_train.export.gguf_lora import export_gguf_lora
 from abi_train.hf.peft import peft_adapter
 from abi_train.lora import LoRAConfig, apply_lora, lora_layers
 from abi_train.models import build_model
-from abi_train.weights import load_pretrained, load_pretrained_weights
+from abi_train.sources import load_model, load_pretrained
+from abi_train.weights import load_pretrained_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -303,7 +303,7 @@ def test_adapter_over_quantized_smollm2_in_llamacpp(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from test_smollm2 import GGUF
 
-    from abi_train.export.reader import load_gguf
+    from abi_train.gguf_reader import load_gguf
 
     pretrained = load_gguf(GGUF)
     model = build_model(pretrained.model_config).eval()

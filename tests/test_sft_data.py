@@ -152,7 +152,7 @@ def test_tiny_template_mask_equals_golden_and_transformers() -> None:
 
 @pytest.mark.smollm2
 def test_smollm2_template_mask_equals_golden() -> None:
-    from abi_train.weights import PACKAGED, load_pretrained
+    from abi_train.sources import PACKAGED, load_pretrained
 
     pytest.importorskip(PACKAGED["smollm2-135m-instruct"][0].split(".")[0], exc_type=ImportError)
     tok = load_pretrained("smollm2-135m-instruct").tokenizer

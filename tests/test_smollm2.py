@@ -19,7 +19,7 @@ import torch
 
 from abi_train import generate
 from abi_train.export import export_gguf
-from abi_train.export.reader import load_gguf
+from abi_train.gguf_reader import load_gguf
 from abi_train.models import build_model
 from abi_train.weights import load_pretrained_weights
 

@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_LLM, compose_cfg, losses
 
 from abi_train import checkpoint as ckpt
+from abi_train import sources
 from abi_train.distributed import DistInfo
 from abi_train.errors import UserError
 from abi_train.models import build_model
@@ -249,7 +250,7 @@ def test_checkpoints_keep_last_and_latest(tmp_path, cache_dir):
     # weights_only loading of everything that is not safetensors
     state = torch.load(step_dir / "train_state.pt", weights_only=True)
     assert state["step"] == 6
-    model, meta = ckpt.load_model(run)
+    model, meta = sources.load_model(run)
     assert meta["family"] == "llm" and meta["step"] == 6
 
 
@@ -258,7 +259,7 @@ def test_init_from_loads_weights_not_state(tmp_path, cache_dir):
     cfg = compose_cfg([*TINY_LLM, f"data.cache_dir={cache_dir}", f"init_from={first}", "trainer.max_steps=1"])
     trainer = Trainer(cfg, task_class("llm")(cfg, DistInfo()), tmp_path / "second", DistInfo())
     trainer.setup()
-    trained, _ = ckpt.load_model(first)
+    trained, _ = sources.load_model(first)
     assert trainer.step == 0
     for (name, p), q in zip(trainer.raw_model.state_dict().items(), trained.state_dict().values(), strict=True):
         assert torch.equal(p, q), name

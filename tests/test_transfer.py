@@ -28,9 +28,10 @@ from abi_train.hf import write_hf_folder
 from abi_train.models import build_model
 from abi_train.models.vit import resample_position_embd
 from abi_train.optim import build_optimizer, build_scheduler, param_groups
+from abi_train.sources import load_pretrained
 from abi_train.tasks import task_class
 from abi_train.trainer import Trainer
-from abi_train.weights import load_pretrained, load_pretrained_weights, model_overrides
+from abi_train.weights import load_pretrained_weights, model_overrides
 
 SHAPES = ["data.num_train=32", "data.num_val=16", "trainer.batch_size=8", "trainer.num_workers=0"]
 QUIET = ["trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.progress=false"]

@@ -10,9 +10,10 @@ from typing import Any
 
 from torch import nn
 
-from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
+from abi_train.checkpoint import load_meta, resolve_checkpoint
 from abi_train.errors import UserError
 from abi_train.export.gguf_common import add_general, add_tensors, check_outtype, gguf_file
+from abi_train.hf import DEFAULT_MAX_SHARD_BYTES
 from abi_train.lora import merged
 from abi_train.models import model_spec
 
@@ -54,7 +55,23 @@ def export_gguf(
 def export_checkpoint(path: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
     """Export a checkpoint folder (or a run dir's latest checkpoint) to GGUF."""
     outtype = check_outtype(outtype)
+    from abi_train.sources import load_model  # here: importing sources reads this package's gguf_common
+
     ckpt = resolve_checkpoint(path)
     gguf_adapter(load_meta(ckpt)["model_config"])  # fail on an unknown architecture before loading weights
     model, meta = load_model(ckpt, device="cpu")
     return export_gguf(model, meta, ckpt / "tokenizer.json", out_path, outtype)
+
+
+def export_hf(checkpoint_path: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Export a checkpoint (or a run dir's latest) as a Hugging Face folder, through its arch's ``to_hf``."""
+    from abi_train.data.tokenizer import Tokenizer
+    from abi_train.hf import check_output_dir, write_hf_folder
+    from abi_train.sources import load_model
+
+    check_output_dir(out_dir)  # before any weights are read
+    ckpt = resolve_checkpoint(checkpoint_path)
+    adapter = model_spec(load_meta(ckpt)["model_config"].get("arch")).adapter("hf")
+    model, meta = load_model(ckpt, device="cpu")
+    tokenizer = Tokenizer.load(ckpt / "tokenizer.json") if (ckpt / "tokenizer.json").is_file() else None
+    return write_hf_folder(adapter.to_hf(merged(model), meta, tokenizer), out_dir, max_shard_bytes)

@@ -67,7 +67,8 @@ def export(args: argparse.Namespace) -> Path:
             f"--outtype is for --format gguf / gguf-lora; --format {args.format} writes float32 safetensors"
         )
     if args.format == "hf":
-        from abi_train.hf import DEFAULT_MAX_SHARD_BYTES, export_hf, parse_size
+        from abi_train.export import export_hf
+        from abi_train.hf import DEFAULT_MAX_SHARD_BYTES, parse_size
 
         size = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_MAX_SHARD_BYTES
         return export_hf(args.checkpoint, args.output, size)

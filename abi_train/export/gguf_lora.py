@@ -106,7 +106,8 @@ def export_gguf_lora(model: nn.Module, meta: dict[str, Any], out_path: str | Pat
 
 def export_checkpoint_lora(path: str | Path, out_path: str | Path, outtype: str = "f32") -> Path:
     """``python -m abi_train.export RUN --format gguf-lora``: a checkpoint's adapter as a llama.cpp adapter."""
-    from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
+    from abi_train.checkpoint import load_meta, resolve_checkpoint
+    from abi_train.sources import load_model
 
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype {outtype} is not one a LoRA adapter is written in; valid: {', '.join(OUTTYPES)}")

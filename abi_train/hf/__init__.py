@@ -306,18 +306,3 @@ def write_hf_folder(export: HFExport, out_dir: str | Path, max_shard_bytes: int 
         if export.tokenizer is not None:
             export.tokenizer.save(tmp / "tokenizer.json")
     return Path(out_dir).expanduser()
-
-
-def export_hf(checkpoint_path: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Export a checkpoint (or a run dir's latest) as a Hugging Face folder, through its arch's ``to_hf``."""
-    from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
-    from abi_train.data.tokenizer import Tokenizer
-    from abi_train.lora import merged
-    from abi_train.models import model_spec
-
-    check_output_dir(out_dir)  # before any weights are read
-    ckpt = resolve_checkpoint(checkpoint_path)
-    adapter = model_spec(load_meta(ckpt)["model_config"].get("arch")).adapter("hf")
-    model, meta = load_model(ckpt, device="cpu")
-    tokenizer = Tokenizer.load(ckpt / "tokenizer.json") if (ckpt / "tokenizer.json").is_file() else None
-    return write_hf_folder(adapter.to_hf(merged(model), meta, tokenizer), out_dir, max_shard_bytes)

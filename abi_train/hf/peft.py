@@ -222,7 +222,8 @@ def write_peft_folder(model: nn.Module, meta: dict[str, Any], out_dir: str | Pat
 
 def export_peft(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     """``python -m abi_train.export RUN -o DIR --format peft``: a LoRA checkpoint's adapter as a PEFT folder."""
-    from abi_train.checkpoint import load_meta, load_model, resolve_checkpoint
+    from abi_train.checkpoint import load_meta, resolve_checkpoint
+    from abi_train.sources import load_model
 
     check_output_dir(out_dir)  # before any weights are read
     ckpt = resolve_checkpoint(checkpoint_path)
@@ -230,8 +231,6 @@ def export_peft(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     require_adapter(checkpoint_path, meta)
     arch = meta["model_config"].get("arch")
     if arch not in ("gpt", "vit"):
-        raise UserError(
-            f"PEFT adapter export is for LLMs ({LLMS}) and ViT; this is a {arch} model: {MERGED_HINT}"
-        )
+        raise UserError(f"PEFT adapter export is for LLMs ({LLMS}) and ViT; this is a {arch} model: {MERGED_HINT}")
     model, meta = load_model(ckpt, device="cpu")
     return write_peft_folder(model, meta, out_dir)
