@@ -277,6 +277,7 @@ class Trainer:
         if pretrained is not None and (self.resume_from is None or self.adapter is not None):
             load_pretrained_weights(raw, pretrained)
         self._make_trainable(raw)
+        self._check_exportable(raw)
         if self.resume_from is not None:
             self._check_same_model(self.resume_from)
             ckpt.load_weights(raw, self.resume_from)
@@ -293,6 +294,15 @@ class Trainer:
         """trainer.freeze, then the adapter (which freezes the rest): before the wrapping and the optimizer, which
         take only what still needs gradients."""
         transforms.apply(raw, self.transforms)
+
+    def _check_exportable(self, raw: torch.nn.Module) -> None:
+        """export=gguf of a model that has no GGUF form fails now, not after training."""
+        if self.cfg.export.gguf:
+            from abi_train.export import gguf_refusal
+
+            reason = gguf_refusal(raw)
+            if reason:
+                raise UserError(f"export=gguf: {reason} (or run with export=none)")
 
     def _resume_point(self) -> Path | None:
         """The checkpoint to continue from: resume=true needs one, resume=auto takes one when there is one

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import llamacpp_logits
+from conftest import llamacpp_logits, run_abi
 from family_cases import FamilyCase
 from test_hf_llm import tiny_tokenizer
 
@@ -217,3 +217,16 @@ def test_llamacpp_adapter_equals_merged(folder, tmp_path, name):
     if CASES[name].adapter_exact:
         assert rel(with_adapter, llamacpp_logits(merged, x)) <= 1e-4
     assert rel(with_adapter, our_logits(model, x)) <= 2e-3
+
+
+def test_export_gguf_of_a_model_without_gguf_form_fails_before_training(tmp_path, cache_dir):
+    """A windowed Mistral has no llama.cpp form: a run asking for export=gguf stops at setup, in one line."""
+    run = tmp_path / "run"
+    r = run_abi(
+        ["recipe=llm", "model=mistral-tiny", "export=gguf", "trainer.max_steps=2", "data.seq_len=32"]
+        + [f"data.cache_dir={cache_dir}", f"hydra.run.dir={run}"]
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "export=gguf: a mistral-style model with sliding_window=32" in line and "export=none" in line
+    assert not (run / "checkpoints").exists()

@@ -26,6 +26,12 @@ def gguf_adapter(model_config: dict[str, Any]) -> ModuleType:
     return model_spec(model_config.get("arch")).adapter("gguf")
 
 
+def gguf_refusal(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be written as GGUF (its adapter's ``refusal``), or None."""
+    fam = gguf_adapter(model.config)
+    return fam.refusal(model) if hasattr(fam, "refusal") else None
+
+
 def export_gguf(
     model: nn.Module,
     meta: dict[str, Any],

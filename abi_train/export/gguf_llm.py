@@ -75,17 +75,25 @@ def _longrope(c: GPTConfig) -> bool:
     return (c.rope_scaling or {}).get("type") == "longrope"
 
 
-def add_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], tokenizer_path: Path) -> None:
+def refusal(model: Any) -> str | None:
+    """Why ``model`` has no GGUF form llama.cpp computes as we do (None: it has one); the trainer asks before
+    training a run that ends with export=gguf."""
     c = model.cfg
     fam = family(c.style)
-    reason = fam.refusal(c, "gguf")
-    if reason:
-        raise UserError(reason)
     if _longrope(c) and not takes_rope_factors(fam.gguf_architecture):
-        raise UserError(
+        return (
             f"llama.cpp's {fam.gguf_architecture} reads no LongRoPE factors: a style={c.style} model with "
             "rope_scaling.type=longrope would not run as trained in GGUF; export it with --format hf"
         )
+    return fam.refusal(c, "gguf")
+
+
+def add_metadata(writer: GGUFWriter, model: Any, meta: dict[str, Any], tokenizer_path: Path) -> None:
+    c = model.cfg
+    fam = family(c.style)
+    reason = refusal(model)
+    if reason:
+        raise UserError(reason)
     writer.add_string(STYLE_KEY, c.style)
     writer.add_context_length(c.context_length)
     writer.add_embedding_length(c.d_model)

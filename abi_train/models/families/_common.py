@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from abi_train.errors import UserError
+from abi_train.models.families import Family
 
 QKV = ("attn.q", "attn.k", "attn.v")
 
@@ -188,3 +189,10 @@ def llama_hf_config(cfg: Any, architecture: str, model_type: str) -> dict[str, A
         "rope_parameters": rope_parameters,  # transformers 5
         "attention_dropout": 0.0,
     }
+
+
+def llama_like(**facts: Any) -> Family:
+    """A family with Llama's switches and HF / GGUF name tables unless ``facts`` says otherwise (the fields of
+    ``Family``): a family file states only where it differs."""
+    tables = {"hf_block": HF_BLOCK, "hf_top": HF_TOP, "gguf_block": GGUF_BLOCK, "gguf_top": GGUF_TOP}
+    return Family(**({"defaults": LLAMA_DEFAULTS, **tables} | facts))

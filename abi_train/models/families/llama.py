@@ -5,16 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from abi_train.models.families import Family
 from abi_train.models.families._common import (
-    GGUF_BLOCK,
-    GGUF_TOP,
-    HF_BLOCK,
-    HF_TOP,
-    LLAMA_DEFAULTS,
     biases_from_gguf,
     llama_config_from_hf,
     llama_hf_config,
+    llama_like,
 )
 
 
@@ -30,17 +25,12 @@ def hf_config(cfg: Any) -> dict[str, Any]:
     }
 
 
-FAMILY = Family(
+FAMILY = llama_like(
     name="llama",
-    defaults=LLAMA_DEFAULTS,
     hf_architectures=("LlamaForCausalLM",),
     config_from_hf=config_from_hf,
     hf_config=hf_config,
-    hf_block=HF_BLOCK,
-    hf_top=HF_TOP,
     gguf_architecture="llama",
-    gguf_block=GGUF_BLOCK,
-    gguf_top=GGUF_TOP,
     gguf_permute_qk=True,
     config_from_gguf=biases_from_gguf,
 )

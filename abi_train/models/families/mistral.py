@@ -7,15 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from abi_train.models.families import Family
 from abi_train.models.families._common import (
-    GGUF_BLOCK,
-    GGUF_TOP,
-    HF_BLOCK,
-    HF_TOP,
-    LLAMA_DEFAULTS,
     llama_config_from_hf,
     llama_hf_config,
+    llama_like,
 )
 
 HF_DEFAULT_WINDOW = 4096  # MistralConfig's sliding_window when config.json leaves the key out
@@ -46,17 +41,12 @@ def refuses(cfg: Any, fmt: str) -> str | None:
     return None
 
 
-FAMILY = Family(
+FAMILY = llama_like(
     name="mistral",
-    defaults=LLAMA_DEFAULTS,
     hf_architectures=("MistralForCausalLM",),
     config_from_hf=config_from_hf,
     hf_config=hf_config,
-    hf_block=HF_BLOCK,
-    hf_top=HF_TOP,
     gguf_architecture="llama",
-    gguf_block=GGUF_BLOCK,
-    gguf_top=GGUF_TOP,
     gguf_permute_qk=True,
     refuses=refuses,
 )

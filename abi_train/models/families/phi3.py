@@ -21,14 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from abi_train.errors import UserError
-from abi_train.models.families import Family
 from abi_train.models.families._common import (
-    GGUF_TOP,
-    HF_TOP,
-    LLAMA_DEFAULTS,
     QKV,
     llama_config_from_hf,
     llama_hf_config,
+    llama_like,
 )
 
 GATE_UP = ("mlp.gate", "mlp.up")
@@ -104,9 +101,8 @@ def refuses(cfg: Any, fmt: str) -> str | None:
     return None
 
 
-FAMILY = Family(
+FAMILY = llama_like(
     name="phi3",
-    defaults=LLAMA_DEFAULTS,
     hf_architectures=("Phi3ForCausalLM",),
     config_from_hf=config_from_hf,
     hf_config=hf_config,
@@ -118,7 +114,6 @@ FAMILY = Family(
         "mlp.gate_up_proj": GATE_UP,
         "mlp.down_proj": ("mlp.down",),
     },
-    hf_top=HF_TOP,
     gguf_architecture="phi3",
     gguf_block={
         "attn_norm": ("norm1",),
@@ -128,6 +123,5 @@ FAMILY = Family(
         "ffn_up": GATE_UP,
         "ffn_down": ("mlp.down",),
     },
-    gguf_top=GGUF_TOP,
     refuses=refuses,
 )

@@ -6,15 +6,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from abi_train.errors import UserError
-from abi_train.models.families import Family
 from abi_train.models.families._common import (
-    GGUF_BLOCK,
-    GGUF_TOP,
-    HF_BLOCK,
-    HF_TOP,
     LLAMA_DEFAULTS,
     llama_config_from_hf,
     llama_hf_config,
+    llama_like,
 )
 
 
@@ -38,16 +34,12 @@ def refuses(cfg: Any, fmt: str) -> str | None:
     return None
 
 
-FAMILY = Family(
+FAMILY = llama_like(
     name="qwen2",
     defaults={**LLAMA_DEFAULTS, "qkv_bias": True},
     hf_architectures=("Qwen2ForCausalLM",),
     config_from_hf=config_from_hf,
     hf_config=hf_config,
-    hf_block=HF_BLOCK,
-    hf_top=HF_TOP,
     gguf_architecture="qwen2",
-    gguf_block=GGUF_BLOCK,
-    gguf_top=GGUF_TOP,
     refuses=refuses,
 )

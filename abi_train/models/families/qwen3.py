@@ -6,19 +6,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from abi_train.models.families import Family
 from abi_train.models.families._common import (
     GGUF_BLOCK,
     GGUF_QK_NORM,
-    GGUF_TOP,
     HF_BLOCK,
     HF_QK_NORM,
-    HF_TOP,
     LLAMA_DEFAULTS,
     full_attention_only,
     gguf_bias_refusal,
     llama_config_from_hf,
     llama_hf_config,
+    llama_like,
     sliding_refusal,
 )
 
@@ -41,16 +39,14 @@ def refuses(cfg: Any, fmt: str) -> str | None:
     return gguf_bias_refusal(cfg, fmt, "qwen3") or sliding_refusal(cfg)
 
 
-FAMILY = Family(
+FAMILY = llama_like(
     name="qwen3",
     defaults={**LLAMA_DEFAULTS, "qk_norm": True},
     hf_architectures=("Qwen3ForCausalLM",),
     config_from_hf=config_from_hf,
     hf_config=hf_config,
     hf_block={**HF_BLOCK, **HF_QK_NORM},
-    hf_top=HF_TOP,
     gguf_architecture="qwen3",
     gguf_block={**GGUF_BLOCK, **GGUF_QK_NORM},
-    gguf_top=GGUF_TOP,
     refuses=refuses,
 )

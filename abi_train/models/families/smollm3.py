@@ -12,17 +12,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from abi_train.errors import UserError
-from abi_train.models.families import Family
 from abi_train.models.families._common import (
-    GGUF_BLOCK,
-    GGUF_TOP,
-    HF_BLOCK,
-    HF_TOP,
-    LLAMA_DEFAULTS,
     full_attention_only,
     gguf_bias_refusal,
     llama_config_from_hf,
     llama_hf_config,
+    llama_like,
     sliding_refusal,
 )
 
@@ -71,17 +66,12 @@ def refuses(cfg: Any, fmt: str) -> str | None:
     return gguf_bias_refusal(cfg, fmt, "smollm3") or sliding_refusal(cfg)
 
 
-FAMILY = Family(
+FAMILY = llama_like(
     name="smollm3",
-    defaults=LLAMA_DEFAULTS,
     hf_architectures=("SmolLM3ForCausalLM",),
     config_from_hf=config_from_hf,
     hf_config=hf_config,
-    hf_block=HF_BLOCK,
-    hf_top=HF_TOP,
     gguf_architecture="smollm3",
-    gguf_block=GGUF_BLOCK,
-    gguf_top=GGUF_TOP,
     gguf_permute_qk=True,
     config_from_gguf=config_from_gguf,
     refuses=refuses,
