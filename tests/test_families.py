@@ -230,3 +230,23 @@ def test_export_gguf_of_a_model_without_gguf_form_fails_before_training(tmp_path
     line = r.stderr.strip().splitlines()[-1]
     assert "export=gguf: a mistral-style model with sliding_window=32" in line and "export=none" in line
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("style", "switch"),
+    [("llama", {"qk_norm": True}), ("qwen2", {"sliding_window": 8}), ("gpt2", {"attn_softcap": 5.0})]
+    + [("qwen3", {"embed_scale": True}), ("phi3", {"nope_layers": [1]})],
+)
+def test_a_switch_the_family_cannot_carry_is_refused(tmp_path, style, switch):
+    """Exporting a model with a decoder switch its family's files have no place for would write another model:
+    refused in one line naming the switch (HF and GGUF), nothing written."""
+    from abi_train.errors import UserError
+
+    model = build_model({"arch": "gpt", "style": style, "vocab_size": 64, "n_layer": 2, **switch})
+    (key,) = switch
+    with pytest.raises(UserError, match=f"a style={style} model with {key}=.* has no HF form"):
+        to_hf(model, {}, None)
+    tiny_tokenizer(tmp_path)
+    with pytest.raises(UserError, match=f"a style={style} model with {key}=.* has no GGUF form"):
+        export_gguf(model, META, tmp_path / "tokenizer.json", tmp_path / "m.gguf", "f32")
+    assert not list(tmp_path.glob("m.gguf*"))

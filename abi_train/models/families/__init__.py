@@ -65,7 +65,42 @@ class Family:
     refuses: Callable[[GPTConfig, str], str | None] | None = None
 
     def refusal(self, cfg: GPTConfig, fmt: str) -> str | None:
+        """Why a model of this family has no form in ``fmt`` ("hf" | "gguf"): a switch the family's own config
+        cannot carry (found by mapping the config to its config.json and back), or the family's ``refuses``."""
+        lost = self.unexpressed(cfg)
+        if lost:
+            shown = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in lost)
+            return f"a style={self.name} model with {shown} has no {fmt.upper()} form: its family does not carry it"
         return self.refuses(cfg, fmt) if self.refuses else None
+
+    def unexpressed(self, cfg: GPTConfig) -> list[str]:
+        """The decoder settings of ``cfg`` that this family's config.json would lose (the export would run
+        another model)."""
+        from dataclasses import fields
+
+        from abi_train.models.gpt import GPTConfig
+
+        written = self.hf_config(cfg) | {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings}
+        try:
+            back = GPTConfig(style=self.name, **self.config_from_hf(written, f"the {self.name} config.json"))
+        except UserError as e:
+            return [str(e)]
+        # free text and training-only options; a bias-free model written with zero biases computes the same
+        ignored = {"name", "dropout"} | ({"bias"} if self.hf_needs_biases else set())
+        return [
+            f.name
+            for f in fields(GPTConfig)
+            if f.name not in ignored and _setting(back, f.name) != _setting(cfg, f.name)
+        ]
+
+
+def _setting(cfg: GPTConfig, key: str) -> Any:
+    """A config value as it acts: a window or local RoPE base no layer uses is none, no query scale is head_dim."""
+    if key in ("sliding_window", "rope_local_theta") and "sliding" not in cfg.layer_types:
+        return None
+    if key == "query_scale":
+        return cfg.query_scale or cfg.head_dim
+    return getattr(cfg, key)
 
 
 @cache
