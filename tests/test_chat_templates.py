@@ -174,6 +174,7 @@ def test_mask_learns_each_reply_and_its_end_of_turn(name: str, conv: str, kwargs
     messages = conversations(FAMILIES[name])[conv]
     encoder = ChatEncoder(tok, template(name), "assistant", kwargs)
     assert encoder.end_of_turn == FAMILIES[name].end_of_turn
+    assert encoder.end_of_turn_ids == [tok.hf.token_to_id(FAMILIES[name].end_of_turn)]  # where replies stop
     ids, mask = encoder.encode(messages)
     # The tokens are those of transformers' rendering of the whole conversation.
     whole = fast.apply_chat_template(messages, chat_template=template(name), tokenize=False, **kwargs)

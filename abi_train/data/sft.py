@@ -259,6 +259,12 @@ class ChatEncoder:
         EOS; followed, the next turn's header)."""
         return self._around_reply[1]
 
+    @property
+    def end_of_turn_ids(self) -> list[int]:
+        """The end-of-turn text as token ids when it is one token (where generation stops), else none."""
+        ids = self.tokenizer.hf.encode(self.end_of_turn, add_special_tokens=False).ids if self.end_of_turn else []
+        return ids if len(ids) == 1 else []
+
     def assistant_spans(
         self, messages: list[dict[str, str]], full: str, last_only: bool = False
     ) -> list[tuple[int, int]]:

@@ -136,12 +136,13 @@ class SFTTask(LLMTask):
         return out
 
     def _reply(self, model: nn.Module, ids: list[int], device: torch.device, **sampling: Any) -> str:
-        """A reply of exactly reply_tokens forward calls (the same count on every rank), cut at EOS."""
+        """A reply of exactly reply_tokens forward calls (the same count on every rank), cut at the template's
+        end-of-turn token (Gemma's <end_of_turn>, Phi's <|end|>) or EOS, whichever comes first."""
         out = model.generate(torch.tensor([ids], device=device), self.reply_tokens, **sampling)[0, len(ids) :]
         new = out.tolist()
-        if self.tokenizer.eos_id in new:
-            new = new[: new.index(self.tokenizer.eos_id)]
-        return self.tokenizer.decode(new).strip()
+        stops = {self.tokenizer.eos_id, *self.chat.encoder.end_of_turn_ids} - {None}
+        cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+        return self.tokenizer.decode(new[:cut]).strip()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
