@@ -164,8 +164,8 @@ def hf_family(batch: int, seq: int, device: torch.device, shape: str = "qwen3-0.
     import yaml
 
     from abi_train.cli import config_dir
-    from abi_train.hf.llm import gpt_config
     from abi_train.models.families import family
+    from abi_train.models.gpt import gpt_config
 
     raw = yaml.safe_load((config_dir() / "model" / f"{shape}.yaml").read_text())
     cfg = gpt_config(raw | {"vocab_size": raw["vocab_size"] or 512})  # debug sizes take the tokenizer's: any

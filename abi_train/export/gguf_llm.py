@@ -33,7 +33,7 @@ from gguf import MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, GGUFWriter, Rope
 from abi_train.errors import UserError
 from abi_train.export.gguf_common import add_tokenizer
 from abi_train.models.families import Family, families, family, family_for_gguf
-from abi_train.models.gpt import GPTConfig
+from abi_train.models.gpt import GPTConfig, gpt_config
 from abi_train.models.layers import RMSNorm, rope_attention_factor, rope_frequencies
 from abi_train.models.qkv import (
     add_zero_biases,
@@ -304,7 +304,7 @@ def longrope_from_gguf(kv: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
 
 
 def from_gguf(tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    c = GPTConfig(**{k: v for k, v in config.items() if k != "arch"})
+    c = gpt_config(config)
     fam = family(c.style)
     # rope_freqs is config (rope_scaling); zero biases of a bias-free model are the exporter's padding
     skip = {ROPE_FREQS, *ROPE_FACTORS.values()}

@@ -18,7 +18,7 @@ from abi_train.data.tokenizer import Tokenizer
 from abi_train.errors import UserError
 from abi_train.hf import HFExport, HFFolder
 from abi_train.models.families import Family, families, family, family_for_hf
-from abi_train.models.gpt import GPTConfig
+from abi_train.models.gpt import GPTConfig, gpt_config
 from abi_train.models.qkv import add_zero_biases, check_parts, from_parts, group, to_parts, ungroup
 
 READS = tuple(a for fam in families().values() for a in fam.hf_architectures)
@@ -35,11 +35,6 @@ def _family(folder: HFFolder) -> Family:
     fam = family_for_hf(folder.architecture)
     assert fam is not None, folder.architecture  # hf.load_hf_folder picks this adapter by READS
     return fam
-
-
-def gpt_config(config: dict[str, Any]) -> GPTConfig:
-    """The decoder's resolved config (every switch set) of builder kwargs."""
-    return GPTConfig(**{k: v for k, v in config.items() if k != "arch"})
 
 
 def config_from_hf(folder: HFFolder) -> dict[str, Any]:

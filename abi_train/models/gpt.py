@@ -401,6 +401,11 @@ class GPT(nn.Module):
         return torch.cat([idx, *new], dim=1)
 
 
+def gpt_config(config: dict[str, Any]) -> GPTConfig:
+    """The resolved config (every switch set) of builder kwargs (``model.config``, a checkpoint's model_config)."""
+    return GPTConfig(**{k: v for k, v in config.items() if k != "arch"})
+
+
 def build_gpt(**kwargs: Any) -> GPT:
     """Registered as arch ``gpt``; kwargs are ``GPTConfig`` fields (a model YAML minus ``arch``)."""
     unknown = sorted(set(kwargs) - {f.name for f in fields(GPTConfig)})
